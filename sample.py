@@ -1,0 +1,84 @@
+"""Generate images with SD-1.5 (optionally with a trained adapter) by DDIM with classifier-free guidance."""
+import argparse
+import json
+import os
+
+import minisd
+from minisd.cli import PRECISIONS, main_guard, pick_device
+from minisd.errors import MinisdError
+from minisd.images import grid, save_png
+from minisd.sampling import ddim_sample
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--model", default=minisd.DEFAULT_MODEL, help="single .safetensors/.ckpt file, diffusers folder, hub id, or 'tiny'")
+    p.add_argument("--adapter", help="adapter .safetensors written by train.py")
+    p.add_argument("--run", help="use the model and adapter recorded in runs/RUN")
+    p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    p.add_argument("--prompts", help="text file with one prompt per line")
+    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--seed", type=int, default=0, help="image k of the call starts from noise seeded seed + k")
+    p.add_argument("--height", type=int, help="pixels (default 512; 128 for the tiny model)")
+    p.add_argument("--width", type=int)
+    p.add_argument("--num-images", type=int, default=1, help="images per prompt")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", default="samples")
+    return p.parse_args(argv)
+
+
+def read_prompts(args):
+    prompts = list(args.prompt or [])
+    if args.prompts:
+        try:
+            with open(args.prompts, encoding="utf-8") as f:
+                prompts += [line.strip() for line in f if line.strip()]
+        except OSError as e:
+            raise MinisdError(f"--prompts {args.prompts}: {e.strerror}") from None
+    if not prompts:
+        raise MinisdError("no prompt given: use --prompt TEXT or --prompts FILE")
+    return prompts
+
+
+@main_guard
+def main(argv=None):
+    args = parse_args(argv)
+    for flag in ("steps", "num_images", "batch_size"):
+        if getattr(args, flag) < 1:
+            raise MinisdError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    for flag in ("height", "width"):
+        value = getattr(args, flag)
+        if value is not None and (value < 8 or value % 8):
+            raise MinisdError(f"--{flag} must be a positive multiple of 8, got {value}")
+    prompts = [p for p in read_prompts(args) for _ in range(args.num_images)]
+    model, adapter = args.model, args.adapter
+    if args.run:
+        record = os.path.join("runs", args.run, "args.json")
+        if not os.path.exists(record):
+            raise MinisdError(f"--run {args.run}: {record} not found")
+        with open(record) as f:
+            model = json.load(f)["model"]
+        adapter = adapter or os.path.join("runs", args.run, "adapter.safetensors")
+    sd = minisd.load(model, device=pick_device(args.device), dtype=PRECISIONS[args.precision])
+    if adapter:
+        from minisd.adapters import load_adapter
+        load_adapter(sd, adapter)
+    default_size = 128 if model == "tiny" else 512
+    images = ddim_sample(sd, prompts, negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance,
+                         height=args.height or default_size, width=args.width or default_size, seed=args.seed,
+                         batch_size=args.batch_size)
+    os.makedirs(args.out, exist_ok=True)
+    for k, image in enumerate(images):
+        save_png(image, os.path.join(args.out, f"{k:04d}-seed{args.seed + k}.png"))
+    save_png(grid(images, columns=args.num_images if args.num_images > 1 else None), os.path.join(args.out, "grid.png"))
+    with open(os.path.join(args.out, "prompts.json"), "w") as f:
+        json.dump([{"file": f"{k:04d}-seed{args.seed + k}.png", "prompt": p, "seed": args.seed + k} for k, p in enumerate(prompts)], f, indent=1)
+    print(f"wrote {len(images)} image(s) and grid.png to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
