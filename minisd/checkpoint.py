@@ -232,6 +232,8 @@ def split_single_file(tensors, path):
     """Original single file -> per-part dicts with our names; unknown keys are an error."""
     parts = {part: {} for part in PREFIXES}
     for key, value in tensors.items():
+        if KNOWN_EXTRAS.search(key):
+            continue
         for part, prefix in PREFIXES.items():
             if key.startswith(prefix):
                 name = key[len(prefix):]
@@ -240,8 +242,7 @@ def split_single_file(tensors, path):
                 parts[part][name] = value
                 break
         else:
-            if not KNOWN_EXTRAS.search(key):
-                raise MinisdError(f"{path}: unexpected key {key!r}")
+            raise MinisdError(f"{path}: unexpected key {key!r}")
     if not any(parts.values()):
         raise MinisdError(f"{path}: no SD-1.5 weights found (keys like 'model.diffusion_model.…' expected)")
     return parts
