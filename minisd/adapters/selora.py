@@ -1,0 +1,248 @@
+"""SeLoRA: a LoRA whose rank grows, layer by layer, where Fisher information says a new rank would help.
+
+Every layer starts at rank 1. While `track_fisher` is on, the training step's own backward accumulates,
+per sample i, F_A = Σ G_A,i², F_B = Σ G_B,i² and F_new for a candidate A row K (its B column being zero,
+the output and all other gradients are unchanged). At each test the controller grows every layer whose
+FI-ratio (ΣF_A + ΣF_B + F_new) / (ΣF_A + ΣF_B) reaches λ, adopting K and a zero B column.
+"""
+import importlib
+import math
+from types import SimpleNamespace
+
+import torch
+from torch import nn
+
+from ..errors import MinisdError
+from . import op
+from .lora import AdapterLayer, compute_dtype
+
+REFERENCE_OPS = SimpleNamespace(forward=op.selora_forward, backward=op.selora_backward)
+_fused = []  # minisd.fused once looked up, or None when it does not exist
+
+
+def _ops(x):
+    """The op implementation for x: the fused CUDA op when minisd.fused offers one, else the reference."""
+    if not _fused:
+        try:
+            _fused.append(importlib.import_module("minisd.fused"))
+        except ModuleNotFoundError as e:
+            if e.name != "minisd.fused":
+                raise
+            _fused.append(None)
+    ops = _fused[0].selora_ops(x) if _fused[0] is not None else None
+    return ops if ops is not None else REFERENCE_OPS
+
+
+class _SeLoRAFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, layer, n_samples):
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            raise RuntimeError("SeLoRALinear keeps its base weight and bias frozen")
+        ops = _ops(x)
+        with torch.autocast(x.device.type, enabled=False):
+            y, u = ops.forward(x, weight, bias, lora_A, lora_B, layer.scale)
+        ctx.save_for_backward(x, weight, lora_A, lora_B, u)
+        ctx.ops, ctx.layer, ctx.n_samples, ctx.scale = ops, layer, n_samples, layer.scale
+        # Read at forward time, so that a checkpointed recompute sees the same candidate.
+        ctx.candidate = layer.candidate.to(x.device) if layer.track_fisher else None
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight, lora_A, lora_B, u = ctx.saved_tensors
+        with torch.autocast(x.device.type, enabled=False):
+            grad_x, grad_A, grad_B, fisher_A, fisher_B, fisher_new = ctx.ops.backward(
+                grad_y.contiguous(), x, weight, lora_A, lora_B, u, ctx.scale, ctx.n_samples,
+                ctx.candidate, ctx.needs_input_grad[0])
+        if fisher_A is not None:
+            ctx.layer.accumulate_fisher(fisher_A, fisher_B, fisher_new)
+        return grad_x, None, None, grad_A, grad_B, None, None
+
+
+def grow_parameter(param, data, optimizer=None):
+    """Give `param` the larger `data`, whose leading block is the old value, keeping the Parameter object.
+
+    The optimizer's per-entry state (Adam's exp_avg, exp_avg_sq, max_exp_avg_sq) and a pending grad are
+    padded the same way: old entries keep their values, new entries start at zero; `step` is untouched.
+    """
+    old = tuple(slice(0, n) for n in param.shape)
+
+    def pad(t):
+        out = t.new_zeros(data.shape)
+        out[old] = t
+        return out
+
+    state = optimizer.state.get(param, {}) if optimizer is not None else {}
+    for key, value in state.items():
+        if torch.is_tensor(value) and value.shape == param.shape:
+            state[key] = pad(value)
+    grad, param.grad = param.grad, None
+    param.data = data
+    if grad is not None:
+        param.grad = pad(grad)
+
+
+def fi_ratio(fisher_orig, fisher_new):
+    """(F_orig + F_new) / F_orig, or None when there is no usable information: F_orig zero (no gradient
+    reached the layer) or a term not finite (an overflowed fp16 step)."""
+    if not (math.isfinite(fisher_orig) and math.isfinite(fisher_new)) or fisher_orig <= 0:
+        return None
+    return (fisher_orig + fisher_new) / fisher_orig
+
+
+class SeLoRALinear(AdapterLayer):
+    """SeLoRA layer: rank 1 at start, Fisher terms from the training backward, `expand()` to grow."""
+
+    def __init__(self, base, alpha=1.0):
+        super().__init__(base)
+        self.scale = alpha  # alpha / r_init with r_init = 1; constant as the rank grows
+        self.max_rank = min(self.in_features, self.out_features)
+        self.lora_A = self.new_param(1, self.in_features)
+        self.lora_B = self.new_param(self.out_features, 1)
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B)
+        self.track_fisher = False
+        self.reset_fisher()
+
+    @property
+    def rank(self):
+        return self.lora_A.shape[0]
+
+    def forward_rows(self, x, n_samples):
+        dtype = compute_dtype(x)
+        bias = None if self.bias is None else self.bias.to(dtype)
+        return _SeLoRAFunction.apply(x.to(dtype), self.base_weight().to(dtype), bias,
+                                     self.lora_A.to(dtype), self.lora_B.to(dtype), self, n_samples)
+
+    def accumulate_fisher(self, fisher_A, fisher_B, fisher_new):
+        acc = self.fisher_A
+        self.fisher_A = acc.to(fisher_A.device) + fisher_A.to(acc.dtype)
+        self.fisher_B = self.fisher_B.to(fisher_B.device) + fisher_B.to(acc.dtype)
+        self.fisher_new = self.fisher_new.to(fisher_new.device) + fisher_new.to(acc.dtype)
+
+    def fisher_sums(self):
+        """(ΣF_A + ΣF_B, F_new) as floats."""
+        return float(self.fisher_A.sum() + self.fisher_B.sum()), float(self.fisher_new)
+
+    def fisher_ratio(self):
+        """(ΣF_A + ΣF_B + F_new) / (ΣF_A + ΣF_B); 1.0 when the layer saw no usable gradient."""
+        ratio = fi_ratio(*self.fisher_sums())
+        return 1.0 if ratio is None else ratio
+
+    @torch.no_grad()
+    def expand(self, optimizer=None):
+        """rank += 1: the candidate becomes the new A row, with a zero B column (output unchanged).
+        With an Adam/AdamW `optimizer`, its state for lora_A/lora_B grows too (new entries zero)."""
+        if self.rank >= self.max_rank:
+            raise ValueError(f"rank {self.rank} is already the maximum {self.max_rank} of this layer")
+        A, B = self.lora_A, self.lora_B
+        grow_parameter(A, torch.cat([A.data, self.candidate.to(A)[None]]), optimizer)
+        grow_parameter(B, torch.cat([B.data, B.new_zeros(self.out_features, 1)], 1), optimizer)
+        self.fisher_A = torch.cat([self.fisher_A, self.fisher_A.new_zeros(1, self.in_features)])
+        self.fisher_B = torch.cat([self.fisher_B, self.fisher_B.new_zeros(self.out_features, 1)], 1)
+        self.fisher_new = torch.zeros_like(self.fisher_new)
+
+    def reset_fisher(self, generator=None):
+        """Zero the accumulators; draw a new candidate K ~ U(-1/√in, 1/√in) (Kaiming-uniform, a=√5, of a
+        [1, in] row) on the CPU from `generator`, so every process that shares its seed draws the same K."""
+        bound = 1 / math.sqrt(self.in_features)
+        k = torch.empty(self.in_features).uniform_(-bound, bound, generator=generator)
+        self.candidate = k.to(self.lora_A)
+        self.fisher_A = torch.zeros_like(self.lora_A.data)
+        self.fisher_B = torch.zeros_like(self.lora_B.data)
+        self.fisher_new = self.lora_A.new_zeros(())
+
+    @torch.no_grad()
+    def set_rank(self, rank):
+        """Resize to `rank` with zero A/B (placeholders that a checkpoint then overwrites)."""
+        self.lora_A.grad = self.lora_B.grad = None
+        self.lora_A.data = self.lora_A.new_zeros(rank, self.in_features)
+        self.lora_B.data = self.lora_B.new_zeros(self.out_features, rank)
+        self.fisher_A = torch.zeros_like(self.lora_A.data)
+        self.fisher_B = torch.zeros_like(self.lora_B.data)
+
+
+class SeLoRAController:
+    """Decides when to track Fisher information and which layers grow.
+
+    Call `begin_step(step)` before the step's forward passes and `end_step(step, optimizer)` after
+    `optimizer.step()`; steps count optimizer steps from 1. Tests happen at steps divisible by `every`;
+    Fisher terms accumulate over the last `fisher_window` steps before each test (all micro-batches).
+    """
+
+    def __init__(self, named_layers, lam=1.1, every=40, max_rank=None, fisher_window=1, seed=0, distributed=False):
+        if every < 1:
+            raise MinisdError(f"--expand-every must be at least 1, got {every}")
+        if not 1 <= fisher_window <= every:
+            raise MinisdError(f"--fisher-window must be between 1 and the test interval {every}, got {fisher_window}")
+        if max_rank is not None and max_rank < 1:
+            raise MinisdError(f"--max-rank must be at least 1, got {max_rank}")
+        self.layers = dict(named_layers)
+        self.lam, self.every, self.max_rank, self.fisher_window = lam, every, max_rank, fisher_window
+        self.distributed = distributed
+        self.generator = torch.Generator().manual_seed(seed)
+        for layer in self.layers.values():
+            layer.reset_fisher(self.generator)
+
+    def tracking(self, step):
+        return (-step) % self.every < self.fisher_window
+
+    def begin_step(self, step):
+        on = self.tracking(step)
+        for layer in self.layers.values():
+            layer.track_fisher = on
+
+    def cap(self, layer):
+        return layer.max_rank if self.max_rank is None else min(layer.max_rank, self.max_rank)
+
+    def end_step(self, step, optimizer=None):
+        """At a test step: grow every layer whose FI-ratio ≥ λ (never one that saw no usable gradient,
+        whatever λ); returns the growth events, else []."""
+        if step % self.every:
+            return []
+        sums = torch.tensor([layer.fisher_sums() for layer in self.layers.values()], dtype=torch.float64)
+        if self.distributed:
+            device = next(iter(self.layers.values())).lora_A.device
+            sums = sums.to(device)
+            torch.distributed.all_reduce(sums)
+        events = []
+        for (name, layer), (orig, new) in zip(self.layers.items(), sums.tolist()):
+            ratio = fi_ratio(orig, new)
+            if ratio is not None and ratio >= self.lam and layer.rank < self.cap(layer):
+                layer.expand(optimizer)
+                events.append({"step": step, "layer": name, "ratio": ratio, "rank": layer.rank})
+        for layer in self.layers.values():
+            layer.reset_fisher(self.generator)
+        return events
+
+    def ranks(self):
+        return {name: layer.rank for name, layer in self.layers.items()}
+
+    def total_rank(self):
+        return sum(self.ranks().values())
+
+    def state_dict(self):
+        return {
+            "generator": self.generator.get_state(),
+            "layers": {
+                name: {"rank": layer.rank, "candidate": layer.candidate.cpu(), "fisher_A": layer.fisher_A.cpu(),
+                       "fisher_B": layer.fisher_B.cpu(), "fisher_new": layer.fisher_new.cpu()}
+                for name, layer in self.layers.items()
+            },
+        }
+
+    def load_state_dict(self, state):
+        """Restore decisions' state and resize every layer to its saved rank; load the model's adapter
+        weights and the optimizer state after this."""
+        missing = set(self.layers) ^ set(state["layers"])
+        if missing:
+            raise MinisdError(f"SeLoRA state does not match the model's adapted layers: {sorted(missing)[0]}")
+        self.generator.set_state(state["generator"])
+        for name, layer in self.layers.items():
+            s = state["layers"][name]
+            if layer.rank != s["rank"]:
+                layer.set_rank(s["rank"])
+            device = layer.lora_A.device
+            layer.candidate = s["candidate"].to(device)
+            layer.fisher_A, layer.fisher_B = s["fisher_A"].to(device), s["fisher_B"].to(device)
+            layer.fisher_new = s["fisher_new"].to(device)
