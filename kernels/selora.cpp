@@ -1,0 +1,159 @@
+// The fused SeLoRA op: y = x Wᵀ + b + s·(x Aᵀ) Bᵀ and its backward with per-sample Fisher terms.
+// Same contract as minisd/adapters/op.py (the reference): x [M, in] holds N samples of T = M / N
+// consecutive rows, W [out, in], A [r, in], B [out, r].
+//
+// Where the time goes is cuBLAS reading x, grad_y and W; everything else is arranged around that.
+//  * forward: the reference makes three GEMMs and two passes over y (x Wᵀ + b, then + s·u Bᵀ).
+//    When M > in, folding the update into the weight, W' = W + s·B A (one [out, in] GEMM), makes y
+//    one GEMM with the bias in its epilogue; it adds 2·out·in of traffic and saves 2·M·out plus the
+//    elementwise passes. When M ≤ in (text tokens, time embeddings) W' would cost more than it saves,
+//    so s·u Bᵀ is accumulated into y by a second GEMM with beta = 1 (no separate add).
+//    One GEMM over concatenated [x | u]·[W | sB]ᵀ would need a fresh [W | sB] per step as W' does,
+//    plus a copy of x: strictly more traffic.
+//  * backward: grad_x = g W' by the same rule (fold when M > out, else g W then += s·v A), with
+//    v = g B [M, r] shared with grad A. Without a candidate, grad A = s vᵀ x and grad B = s gᵀ u are
+//    two GEMMs. With one, the per-sample kernel (selora.cu) reads g with [u | x·K] and x with v once
+//    each and yields grad B, F_B, F_new and grad A, F_A together, deterministically.
+#include <torch/extension.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include <limits>
+#include <sstream>
+#include <vector>
+
+void per_sample_grad_fisher(const at::Tensor& P, const at::Tensor& Q, const c10::optional<at::Tensor>& extra,
+                            int64_t samples, double scale, bool q_major, at::Tensor& grad, at::Tensor& fisher,
+                            const c10::optional<at::Tensor>& fisher_extra);
+
+namespace {
+
+bool poison_outputs = false;  // debug: NaN-fill outputs before writing them, so unwritten elements show
+
+at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  at::Tensor out = at::empty(sizes, options);
+  if (poison_outputs) out.fill_(std::numeric_limits<double>::quiet_NaN());
+  return out;
+}
+
+std::string shape_string(const std::vector<int64_t>& shape) {
+  std::ostringstream s;
+  s << "[";
+  for (size_t d = 0; d < shape.size(); ++d) s << (d ? ", " : "") << (shape[d] < 0 ? "*" : std::to_string(shape[d]));
+  s << "]";
+  return s.str();
+}
+
+// Checks t against `shape` (-1: any size) and x's device, then returns it in x's dtype, contiguous.
+at::Tensor operand(const char* op, const char* name, const at::Tensor& t, const std::vector<int64_t>& shape,
+                   const at::Tensor& x) {
+  bool fits = t.dim() == static_cast<int64_t>(shape.size());
+  for (size_t d = 0; fits && d < shape.size(); ++d) fits = shape[d] < 0 || t.size(d) == shape[d];
+  TORCH_CHECK(fits, op, ": ", name, " must have shape ", shape_string(shape), ", got ", t.sizes());
+  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " is on ", t.device(), " but x is on ", x.device());
+  TORCH_CHECK(t.is_floating_point(), op, ": ", name, " must be a floating-point tensor, got ", t.scalar_type());
+  return t.to(x.scalar_type()).contiguous();
+}
+
+at::Tensor checked_x(const char* op, const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 2 && x.size(0) > 0, op, ": x must be [M, in] with M > 0, got shape ", x.sizes());
+  TORCH_CHECK(x.is_cuda(), op, ": x must be a CUDA tensor, got one on ", x.device());
+  TORCH_CHECK(x.is_floating_point(), op, ": x must be a floating-point tensor, got ", x.scalar_type());
+  return x.contiguous();
+}
+
+// out = x wᵀ (+ bias, fused into the GEMM's epilogue by cuBLASLt where it can).
+void linear_into(at::Tensor& out, const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias) {
+  if (bias.has_value()) at::addmm_out(out, *bias, x, w.t());
+  else at::mm_out(out, x, w.t());
+}
+
+std::tuple<at::Tensor, at::Tensor> selora_forward(const at::Tensor& x_in, const at::Tensor& weight_in,
+                                                  const c10::optional<at::Tensor>& bias_in,
+                                                  const at::Tensor& lora_A_in, const at::Tensor& lora_B_in,
+                                                  double scale) {
+  const char* op = "selora_forward";
+  const at::Tensor x = checked_x(op, x_in);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t M = x.size(0), in = x.size(1);
+  const at::Tensor weight = operand(op, "weight", weight_in, {-1, in}, x);
+  const at::Tensor lora_A = operand(op, "lora_A", lora_A_in, {-1, in}, x);
+  const int64_t out = weight.size(0), r = lora_A.size(0);
+  TORCH_CHECK(r >= 1, op, ": lora_A must have at least one row (rank >= 1)");
+  const at::Tensor lora_B = operand(op, "lora_B", lora_B_in, {out, r}, x);
+  c10::optional<at::Tensor> bias;
+  if (bias_in.has_value()) bias = operand(op, "bias", *bias_in, {out}, x);
+
+  at::Tensor u = new_output({M, r}, x.options());
+  at::mm_out(u, x, lora_A.t());
+  at::Tensor y = new_output({M, out}, x.options());
+  if (M > in) {
+    linear_into(y, x, at::addmm(weight, lora_B, lora_A, 1, scale), bias);
+  } else {
+    linear_into(y, x, weight, bias);
+    y.addmm_(u, lora_B.t(), 1, scale);
+  }
+  return {y, u};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> selora_backward(
+    const at::Tensor& grad_y_in, const at::Tensor& x_in, const at::Tensor& weight_in, const at::Tensor& lora_A_in,
+    const at::Tensor& lora_B_in, const at::Tensor& u_in, double scale, int64_t n_samples,
+    const c10::optional<at::Tensor>& candidate_in, bool need_grad_x) {
+  const char* op = "selora_backward";
+  const at::Tensor x = checked_x(op, x_in);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t M = x.size(0), in = x.size(1);
+  const at::Tensor weight = operand(op, "weight", weight_in, {-1, in}, x);
+  const at::Tensor lora_A = operand(op, "lora_A", lora_A_in, {-1, in}, x);
+  const int64_t out = weight.size(0), r = lora_A.size(0);
+  TORCH_CHECK(r >= 1, op, ": lora_A must have at least one row (rank >= 1)");
+  const at::Tensor lora_B = operand(op, "lora_B", lora_B_in, {out, r}, x);
+  const at::Tensor grad_y = operand(op, "grad_y", grad_y_in, {M, out}, x);
+  const at::Tensor u = operand(op, "u", u_in, {M, r}, x);
+  TORCH_CHECK(n_samples >= 1 && M % n_samples == 0, op, ": n_samples = ", n_samples, " does not divide the ", M,
+              " rows of x");
+
+  const at::Tensor v = at::mm(grad_y, lora_B);  // [M, r]: the gradient reaching u, before the scale
+  at::Tensor grad_x;
+  if (need_grad_x) {
+    grad_x = new_output({M, in}, x.options());
+    if (M > out) {
+      at::mm_out(grad_x, grad_y, at::addmm(weight, lora_B, lora_A, 1, scale));
+    } else {
+      at::mm_out(grad_x, grad_y, weight);
+      grad_x.addmm_(v, lora_A, 1, scale);
+    }
+  }
+  at::Tensor grad_A = new_output({r, in}, x.options());
+  at::Tensor grad_B = new_output({out, r}, x.options());
+  if (!candidate_in.has_value()) {
+    grad_A.addmm_(v.t(), x, 0, scale);  // beta = 0: the poisoned contents are never read
+    grad_B.addmm_(grad_y.t(), u, 0, scale);
+    return {grad_x, grad_A, grad_B, at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+
+  const at::Tensor candidate = operand(op, "candidate", *candidate_in, {in}, x);
+  const at::Tensor projected = at::mv(x, candidate);  // p = x·K [M], the candidate's u column
+  const auto fisher_options = x.options().dtype(x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
+  at::Tensor fisher_A = new_output({r, in}, fisher_options);
+  at::Tensor fisher_B = new_output({out, r}, fisher_options);
+  at::Tensor fisher_new_per_out = at::empty({out}, fisher_options);
+  per_sample_grad_fisher(grad_y, u, projected, n_samples, scale, /*q_major=*/false, grad_B, fisher_B,
+                         fisher_new_per_out);
+  per_sample_grad_fisher(x, v, c10::nullopt, n_samples, scale, /*q_major=*/true, grad_A, fisher_A, c10::nullopt);
+  return {grad_x, grad_A, grad_B, fisher_A, fisher_B, fisher_new_per_out.sum()};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "Fused SeLoRA linear op (forward, backward with per-sample Fisher terms) for CUDA tensors.";
+  m.def("forward", &selora_forward, "(y, u) = SeLoRA forward", py::arg("x"), py::arg("weight"), py::arg("bias"),
+        py::arg("lora_A"), py::arg("lora_B"), py::arg("scale"));
+  m.def("backward", &selora_backward, "(grad_x, grad_A, grad_B, fisher_A, fisher_B, fisher_new)", py::arg("grad_y"),
+        py::arg("x"), py::arg("weight"), py::arg("lora_A"), py::arg("lora_B"), py::arg("u"), py::arg("scale"),
+        py::arg("n_samples"), py::arg("candidate"), py::arg("need_grad_x"));
+  m.def("set_poison", [](bool on) { poison_outputs = on; },
+        "Debug: fill every output with NaN before it is computed, so elements left unwritten show.",
+        py::arg("on"));
+}

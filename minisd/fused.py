@@ -1,0 +1,69 @@
+"""Dispatch to the fused SeLoRA CUDA op (kernels/), or None to use the PyTorch reference (adapters/op.py).
+
+`selora_ops(x)` gives an object with `forward` and `backward` of the reference's signatures when x is
+a CUDA tensor, the op builds (JIT at first use, cached on disk; an ahead-of-time `minisd._selora_cuda`
+is preferred) and MINISD_DISABLE_CUDA_OP is not "1". A build that fails warns once and the reference
+is used for the rest of the process.
+"""
+import functools
+import importlib.util
+import os
+import warnings
+from pathlib import Path
+
+import torch
+
+BUILD_SCRIPT = Path(__file__).resolve().parent.parent / "kernels" / "build.py"
+
+
+class FusedSeLoRAOps:
+    """The compiled op behind the reference's function signatures."""
+
+    def __init__(self, extension):
+        self.extension = extension
+
+    def forward(self, x, weight, bias, lora_A, lora_B, scale):
+        return self.extension.forward(x, weight, bias, lora_A, lora_B, float(scale))
+
+    def backward(self, grad_y, x, weight, lora_A, lora_B, u, scale, n_samples, candidate, need_grad_x):
+        return self.extension.backward(grad_y, x, weight, lora_A, lora_B, u, float(scale), int(n_samples),
+                                       candidate, bool(need_grad_x))
+
+
+def selora_ops(x):
+    """The fused op for tensors like x, or None when the reference must be used."""
+    if os.environ.get("MINISD_DISABLE_CUDA_OP") == "1" or not _is_cuda(x):
+        return None
+    return _fused_ops()
+
+
+def _is_cuda(x):
+    return x.is_cuda
+
+
+@functools.cache
+def _fused_ops():
+    try:
+        return FusedSeLoRAOps(_build())
+    except Exception as e:  # no toolkit, compile error, unsupported GPU: never fatal, the reference works
+        warnings.warn(f"fused SeLoRA CUDA op unavailable, using the PyTorch reference: {type(e).__name__}: {e}",
+                      RuntimeWarning, stacklevel=3)
+        return None
+
+
+def _build():
+    """The extension module: the ahead-of-time build if installed, else compiled now by kernels/build.py."""
+    major, minor = torch.cuda.get_device_capability()
+    if major < 8:
+        raise RuntimeError(f"the kernels need compute capability >= 8.0, this GPU has {major}.{minor}")
+    try:
+        from minisd import _selora_cuda
+        return _selora_cuda
+    except ImportError:
+        pass
+    if not BUILD_SCRIPT.exists():
+        raise RuntimeError(f"{BUILD_SCRIPT} is missing (install minisd from a source checkout to build the op)")
+    spec = importlib.util.spec_from_file_location("minisd_kernels_build", BUILD_SCRIPT)
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    return build.load_extension()

@@ -1,0 +1,284 @@
+"""The fused SeLoRA CUDA op: dispatch and fallback (CPU), the GPU-free build check (slow), and parity
+with the PyTorch reference on every SD-1.5 shape class (GPU)."""
+import inspect
+import os
+import shutil
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from minisd import fused
+from minisd.adapters.op import selora_backward, selora_forward
+
+REPO = Path(__file__).resolve().parent.parent
+BUILD_SCRIPT = REPO / "kernels" / "build.py"
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+class FakeExtension:
+    def forward(self, *args):
+        return ("forward",) + args
+
+    def backward(self, *args):
+        return ("backward",) + args
+
+
+@pytest.fixture
+def fresh_dispatch(monkeypatch):
+    """A process that has not yet decided whether the op builds; CUDA faked, the build recorded."""
+    fused._fused_ops.cache_clear()
+    monkeypatch.delenv("MINISD_DISABLE_CUDA_OP", raising=False)
+    monkeypatch.setattr(fused, "_is_cuda", lambda x: True)
+    builds = []
+
+    def build():
+        builds.append(1)
+        return FakeExtension()
+
+    monkeypatch.setattr(fused, "_build", build)
+    yield builds
+    fused._fused_ops.cache_clear()
+
+
+def test_cpu_tensors_use_the_reference(monkeypatch):
+    monkeypatch.delenv("MINISD_DISABLE_CUDA_OP", raising=False)
+    monkeypatch.setattr(fused, "_build", lambda: pytest.fail("no build may be tried for CPU tensors"))
+    fused._fused_ops.cache_clear()
+    assert fused.selora_ops(torch.zeros(2, 3)) is None
+
+
+def test_cuda_tensors_get_the_fused_op(fresh_dispatch):
+    ops = fused.selora_ops(torch.zeros(2, 3))
+    assert isinstance(ops.extension, FakeExtension)
+    assert fused.selora_ops(torch.zeros(2, 3)) is ops and len(fresh_dispatch) == 1  # built once per process
+
+
+def test_disable_variable_forces_the_reference(fresh_dispatch, monkeypatch):
+    monkeypatch.setenv("MINISD_DISABLE_CUDA_OP", "1")
+    assert fused.selora_ops(torch.zeros(2, 3)) is None
+    assert not fresh_dispatch
+    monkeypatch.setenv("MINISD_DISABLE_CUDA_OP", "0")
+    assert fused.selora_ops(torch.zeros(2, 3)) is not None
+
+
+def test_failed_build_warns_once_and_falls_back(fresh_dispatch, monkeypatch):
+    def broken_build():
+        fresh_dispatch.append(1)
+        raise RuntimeError("Error building extension 'minisd_selora': nvcc fatal")
+
+    monkeypatch.setattr(fused, "_build", broken_build)
+    with pytest.warns(RuntimeWarning, match="nvcc fatal") as caught:
+        assert fused.selora_ops(torch.zeros(2, 3)) is None
+    assert len(caught) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert fused.selora_ops(torch.zeros(2, 3)) is None
+    assert len(fresh_dispatch) == 1
+
+
+def test_old_gpus_fall_back(monkeypatch):
+    """The unpatched build refuses GPUs older than sm_80 with a warning that says so."""
+    fused._fused_ops.cache_clear()
+    monkeypatch.delenv("MINISD_DISABLE_CUDA_OP", raising=False)
+    monkeypatch.setattr(fused, "_is_cuda", lambda x: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    with pytest.warns(RuntimeWarning, match="compute capability >= 8.0, this GPU has 7.5"):
+        assert fused.selora_ops(torch.zeros(2, 3)) is None
+    fused._fused_ops.cache_clear()
+
+
+def test_fused_ops_keep_the_reference_signatures(fresh_dispatch):
+    ops = fused.selora_ops(torch.zeros(2, 3))
+    for method, reference in ((ops.forward, selora_forward), (ops.backward, selora_backward)):
+        assert list(inspect.signature(method).parameters) == list(inspect.signature(reference).parameters)
+    assert ops.forward(1, 2, None, 4, 5, torch.tensor(0.5)) == ("forward", 1, 2, None, 4, 5, 0.5)
+    assert ops.backward(1, 2, 3, 4, 5, 6, 2, 4.0, None, 1) == ("backward", 1, 2, 3, 4, 5, 6, 2.0, 4, None, True)
+
+
+def load_build_script():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("minisd_kernels_build_test", BUILD_SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_cache_folder_follows_sources_and_setting(tmp_path, monkeypatch):
+    build = load_build_script()
+    source = tmp_path / "op.cu"
+    source.write_text("a")
+    monkeypatch.setattr(build, "SOURCES", [source])
+    monkeypatch.setenv("MINISD_CACHE", str(tmp_path / "cache"))
+    first = build.cache_dir()
+    assert first.parent == tmp_path / "cache" / "kernels" and first.name.startswith(torch.__version__ + "-")
+    assert build.cache_dir() == first
+    source.write_text("b")
+    assert build.cache_dir() != first
+
+
+def test_build_check_without_toolkit_names_the_problem(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("CUDA_HOME", "CUDA_PATH")}
+    env["PATH"] = str(tmp_path)  # no nvcc anywhere
+    done = subprocess.run([sys.executable, str(BUILD_SCRIPT), "--check"], capture_output=True, text=True, env=env)
+    assert done.returncode == 1
+    assert "nvcc is not on PATH" in done.stderr
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
+def test_toolkit_is_found_through_the_nvcc_on_path(monkeypatch):
+    monkeypatch.delenv("CUDA_HOME", raising=False)
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+    home = Path(load_build_script().cuda_home())
+    assert (home / "bin" / "nvcc").exists() and (home / "include" / "cuda_runtime.h").exists()
+
+
+needs_toolkit = pytest.mark.skipif(shutil.which("nvcc") is None or torch.version.cuda is None,
+                                   reason="needs nvcc and a CUDA build of torch")
+
+
+@needs_toolkit
+def test_build_check_reports_the_compiler_message(tmp_path, monkeypatch, capsys):
+    import torch.utils.cpp_extension as cpp_extension
+    monkeypatch.delenv("CUDA_HOME", raising=False)  # the build sets both; undo that afterwards
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", cpp_extension.CUDA_HOME)
+    build = load_build_script()
+    broken = tmp_path / "broken.cu"
+    broken.write_text("int f() { return undefined_name; }\n")
+    monkeypatch.setattr(build, "SOURCES", [broken])
+    assert build.check() == 1
+    assert '"undefined_name" is undefined' in capsys.readouterr().err
+
+
+@needs_toolkit
+def test_setup_extension_builds_the_package_module(monkeypatch):
+    import torch.utils.cpp_extension as cpp_extension
+    monkeypatch.delenv("CUDA_HOME", raising=False)
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", cpp_extension.CUDA_HOME)
+    monkeypatch.chdir(REPO)  # setup.py runs from the repository root
+    (extension,) = load_build_script().cuda_extensions()
+    assert extension.name == "minisd._selora_cuda"
+    assert all(Path(source).exists() and not Path(source).is_absolute() for source in extension.sources)
+    assert "-gencode=arch=compute_90,code=sm_90" in extension.extra_compile_args["nvcc"]
+
+
+@pytest.mark.slow
+@needs_toolkit
+def test_kernels_compile_without_a_gpu():
+    done = subprocess.run([sys.executable, str(BUILD_SCRIPT), "--check"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-4000:]
+
+
+# ----------------------------------------------------------------------------------------------- GPU
+
+# (samples, tokens per sample, in, out, bias): every token count SD-1.5 produces at 512 and 224 px
+# (text 77, latents 64², 32², 28², 16², 8², 7², time embeddings 1) over its layer widths, and each
+# way the op may compute y and grad x (low-rank part folded into W when rows > in, resp. > out).
+SHAPES = [
+    (4, 77, 768, 320, False),     # neither folded
+    (2, 4096, 320, 2560, True),   # both folded
+    (2, 1024, 640, 640, False),
+    (2, 784, 1280, 320, True),
+    (4, 256, 640, 5120, True),    # forward folded only
+    (8, 64, 5120, 320, True),     # backward folded only
+    (3, 49, 1280, 1280, False),
+    (8, 1, 320, 1280, True),
+]
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+FISHER_TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 2e-2}
+
+
+def rel_err(a, b):
+    """Largest error relative to the largest true value."""
+    a, b = a.double(), b.double()
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+@pytest.fixture(scope="module")
+def cuda_ops():
+    fused._fused_ops.cache_clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a failed build must fail these tests, not compare the reference to itself
+        ops = fused.selora_ops(torch.zeros(1, device="cuda"))
+    assert ops is not None
+    ops.extension.set_poison(True)  # every output starts as NaN, so an element a kernel skips shows
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False  # fp32 GEMMs in full precision, as the tolerances assume
+    yield ops
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    ops.extension.set_poison(False)
+
+
+def random_case(samples, tokens, d_in, d_out, bias, rank, dtype, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    rand = lambda *shape, std=1.0: (std * torch.randn(*shape, generator=g, device="cuda")).to(dtype)
+    M = samples * tokens
+    return dict(x=rand(M, d_in), weight=rand(d_out, d_in, std=d_in ** -0.5),
+                bias=rand(d_out, std=0.1) if bias else None, lora_A=rand(rank, d_in, std=d_in ** -0.5),
+                lora_B=rand(d_out, rank, std=rank ** -0.5), grad_y=rand(M, d_out),
+                candidate=rand(d_in, std=d_in ** -0.5), scale=0.5, n_samples=samples)
+
+
+def run(forward, backward, case, candidate, need_grad_x):
+    c = case
+    y, u = forward(c["x"], c["weight"], c["bias"], c["lora_A"], c["lora_B"], c["scale"])
+    grads = backward(c["grad_y"], c["x"], c["weight"], c["lora_A"], c["lora_B"], u, c["scale"], c["n_samples"],
+                     c["candidate"] if candidate else None, need_grad_x)
+    return (y, u) + tuple(grads)
+
+
+NAMES = ("y", "u", "grad_x", "grad_A", "grad_B", "fisher_A", "fisher_B", "fisher_new")
+
+
+@needs_cuda
+@pytest.mark.parametrize("rank", [1, 4, 17, 64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "N{}xT{}_{}to{}{}".format(*s[:4], "_bias" * s[4]))
+def test_fused_matches_reference(cuda_ops, shape, dtype, rank):
+    case = random_case(*shape, rank, dtype)
+    exact = {k: v.double() if torch.is_tensor(v) else v for k, v in case.items()}  # the reference in fp64
+    for candidate, need_grad_x in ((True, True), (False, False)):
+        got = run(cuda_ops.forward, cuda_ops.backward, case, candidate, need_grad_x)
+        want = run(selora_forward, selora_backward, exact, candidate, need_grad_x)
+        for name, a, b in zip(NAMES, got, want):
+            if b is None:
+                assert a is None, f"{name} must be None"
+                continue
+            fisher = name.startswith("fisher")
+            assert a.dtype == (torch.float32 if fisher else dtype), name
+            assert a.shape == b.shape, name
+            tol = FISHER_TOLERANCE[dtype] if fisher else TOLERANCE[dtype]
+            assert rel_err(a, b) <= tol, f"{name}: relative error {rel_err(a, b):.2e} > {tol:.0e}"
+
+
+@needs_cuda
+def test_fused_backward_is_deterministic(cuda_ops):
+    case = random_case(8, 1024, 320, 640, True, 4, torch.bfloat16)
+    first = run(cuda_ops.forward, cuda_ops.backward, case, True, True)
+    second = run(cuda_ops.forward, cuda_ops.backward, case, True, True)
+    for name, a, b in zip(NAMES, first, second):
+        assert torch.equal(a, b), name
+
+
+@needs_cuda
+def test_non_contiguous_inputs_give_the_same_result(cuda_ops):
+    case = random_case(2, 77, 768, 320, True, 4, torch.float32)
+    strided = dict(case, x=case["x"].t().contiguous().t(), weight=case["weight"].t().contiguous().t(),
+                   grad_y=case["grad_y"].t().contiguous().t())
+    assert not strided["x"].is_contiguous()
+    for name, a, b in zip(NAMES, run(cuda_ops.forward, cuda_ops.backward, strided, True, True),
+                          run(cuda_ops.forward, cuda_ops.backward, case, True, True)):
+        assert torch.equal(a, b), name
+
+
+@needs_cuda
+def test_bad_shapes_are_named(cuda_ops):
+    c = random_case(2, 8, 64, 32, True, 4, torch.float32)
+    with pytest.raises(RuntimeError, match=r"lora_B must have shape \[32, 4\], got \[32, 5\]"):
+        cuda_ops.forward(c["x"], c["weight"], c["bias"], c["lora_A"], c["lora_B"].new_zeros(32, 5), 1.0)
+    y, u = cuda_ops.forward(c["x"], c["weight"], c["bias"], c["lora_A"], c["lora_B"], 1.0)
+    with pytest.raises(RuntimeError, match="n_samples = 3 does not divide the 16 rows of x"):
+        cuda_ops.backward(c["grad_y"], c["x"], c["weight"], c["lora_A"], c["lora_B"], u, 1.0, 3, None, True)
