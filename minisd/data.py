@@ -1,0 +1,386 @@
+"""Image-text data sets: IU X-Ray, the Montgomery County CXR set, any image folder with captions, and
+the built-in phantom.
+
+    ds = load_dataset("iuxray", root="data/iuxray", split="train", resolution=224, seed=0)
+    ds[i]  # {"image": float [3, R, R] in [-1, 1], "prompt": str, "id": str}
+
+File-based sets are read once at construction: rows that cannot be used are skipped and counted by
+reason in `ds.report` (for the whole data set; "kept" counts this split), images are checked cheaply
+(header and end of file) and the problems are reported in one warning. Splits are drawn from a fixed
+seed over sorted keys, so they do not depend on row order; IU X-Ray splits by study (uid).
+"""
+import csv
+import json
+import os
+import random
+import re
+import warnings
+from collections import Counter, namedtuple
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from . import phantom
+from .errors import MinisdError
+
+DATASETS = ("iuxray", "montgomery", "folder", "phantom")
+THREE_WAY = {"train": 0.8, "val": 0.16, "test": 0.04}
+TWO_WAY = {"train": 0.8, "test": 0.2}
+PHANTOM_SIZE = 2000
+LAYOUTS = {
+    "iuxray": "expected the Kaggle 'Chest X-rays (Indiana University)' layout: indiana_reports.csv, "
+              "indiana_projections.csv and images/images_normalized/",
+    "montgomery": "expected MontgomerySet/CXR_png/MCUCXR_####_{0,1}.png and "
+                  "MontgomerySet/ClinicalReadings/MCUCXR_####_{0,1}.txt (give the folder holding "
+                  "MontgomerySet, or MontgomerySet itself)",
+    "folder": "expected a folder with metadata.csv or metadata.jsonl (columns file_name, text and "
+              "optionally split) and the images it names",
+}
+SELECTIONS = {"lateral projection"}  # skipped by design, not a problem worth a warning
+UNREADABLE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"
+
+Sample = namedtuple("Sample", "id file prompt")  # file: relative to the data root
+
+
+# ------------------------------------------------------------------------------------------- images
+def load_image(path, resolution):
+    """An image file as float tensor [3, R, R] in [-1, 1]: any mode to 3 channels (16-bit scaled by
+    its full range), shortest side resized to R (bicubic, antialiased), then centre-cropped."""
+    with Image.open(path) as image:
+        image.load()
+        planes = to_planes(image)
+    planes = [resize_and_crop(plane, resolution) for plane in planes]
+    image = torch.from_numpy(np.stack(planes * (3 // len(planes))))
+    return image.clamp_(0, 1).mul_(2).sub_(1)
+
+
+def to_planes(image):
+    """The image as one (grey) or three (colour) float32 planes in [0, 1]; transparency over black."""
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        return [np.asarray(image, dtype=np.float32) / 65535]
+    grey = image.mode in ("1", "L", "LA", "La")
+    alpha = "A" in image.getbands() or "transparency" in image.info
+    mode = ("LA" if alpha else "L") if grey else ("RGBA" if alpha else "RGB")
+    array = np.asarray(image.convert(mode), dtype=np.float32) / 255
+    if array.ndim == 2:
+        return [array]
+    colour = array[..., :-1] * array[..., -1:] if alpha else array
+    return [colour[..., k] for k in range(colour.shape[-1])]
+
+
+def resize_and_crop(plane, resolution):
+    """torchvision's Resize(R, bicubic, antialias) + CenterCrop(R) on one float plane."""
+    height, width = plane.shape
+    short, long = sorted((height, width))
+    size = (resolution, int(resolution * long / short))
+    size = size if height <= width else size[::-1]  # (height, width)
+    resized = np.asarray(Image.fromarray(plane).resize(size[::-1], Image.BICUBIC))
+    top = int(round((size[0] - resolution) / 2.0))
+    left = int(round((size[1] - resolution) / 2.0))
+    return resized[top:top + resolution, left:left + resolution]
+
+
+def image_problem(path):
+    """Why the file at `path` cannot be used ("missing image", "unreadable image"), or None. Cheap:
+    reads the header and, for PNG and JPEG, checks that the file is not cut short."""
+    try:
+        with Image.open(path) as image:
+            kind = image.format
+            if kind not in ("PNG", "JPEG"):
+                image.verify()
+        with open(path, "rb") as f:
+            f.seek(max(0, os.path.getsize(path) - 1024))
+            tail = f.read()
+    except FileNotFoundError:
+        return "missing image"
+    except UNREADABLE:
+        return "unreadable image"
+    if (kind == "PNG" and not tail.endswith(PNG_END)) or (kind == "JPEG" and b"\xff\xd9" not in tail):
+        return "unreadable image"
+    return None
+
+
+# ------------------------------------------------------------------------------------------- data sets
+class ImageTextDataset(torch.utils.data.Dataset):
+    """One split of a file-based data set: `samples` (id, file, prompt) read from `root`."""
+
+    def __init__(self, name, root, split, splits, samples, report, resolution):
+        self.name, self.root, self.split, self.splits = name, Path(root), split, tuple(splits)
+        self.samples, self.report, self.resolution = samples, report, resolution
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, index):
+        if not -len(self.samples) <= index < len(self.samples):
+            raise IndexError(f"{self.name}/{self.split} has {len(self.samples)} images, not {index + 1}")
+        # a file that passed the cheap check can still fail to decode: use the next one, and say so
+        for step in range(len(self.samples)):
+            sample = self.samples[(index + step) % len(self.samples)]
+            try:
+                image = load_image(self.root / sample.file, self.resolution)
+            except UNREADABLE as error:
+                warnings.warn(f"{self.root / sample.file}: cannot be decoded ({error}); using the next image")
+                continue
+            return {"image": image, "prompt": sample.prompt, "id": sample.id}
+        raise MinisdError(f"{self.name} at {self.root}: no image of split {self.split!r} can be decoded")
+
+    def manifest(self):
+        return [{"id": s.id, "file": s.file, "prompt": s.prompt} for s in self.samples]
+
+    def write_manifest(self, path):
+        """The manifest as JSON lines, written to a temporary file and renamed into place."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(path.name + ".tmp")
+        with open(temporary, "w", encoding="utf-8") as f:
+            for row in self.manifest():
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        os.replace(temporary, path)
+
+
+class PhantomDataset(ImageTextDataset):
+    """One split of the procedural set (minisd.phantom): item i is a pure function of (seed, start + i)."""
+
+    def __init__(self, split, resolution, seed, size=PHANTOM_SIZE):
+        bounds = split_bounds(size, THREE_WAY)
+        if split not in bounds:
+            raise MinisdError(f"phantom has no split {split!r}: it has {', '.join(bounds)}")
+        self.name, self.root, self.split, self.splits = "phantom", None, split, tuple(bounds)
+        self.start, stop = bounds[split]
+        self.size, self.seed, self.resolution = stop - self.start, seed, resolution
+        self.report = {"kept": self.size}
+
+    def __len__(self):
+        return self.size
+
+    def __getitem__(self, index):
+        if not -self.size <= index < self.size:
+            raise IndexError(f"phantom/{self.split} has {self.size} images, not {index + 1}")
+        index %= self.size
+        case = phantom.make_case(self.seed, self.start + index)
+        film = torch.from_numpy(phantom.render(case, self.resolution)) * 2 - 1
+        return {"image": film.expand(3, -1, -1).clone(), "prompt": phantom.report(case), "id": self.sample_id(index)}
+
+    def sample_id(self, index):
+        return f"phantom-{self.seed}-{self.start + index:05d}"
+
+    def manifest(self):
+        return [{"id": self.sample_id(i), "file": "",
+                 "prompt": phantom.report(phantom.make_case(self.seed, self.start + i))} for i in range(self.size)]
+
+
+def split_bounds(size, fractions):
+    """Consecutive [start, stop) per split, sized by `fractions`, every split non-empty when size allows."""
+    counts = split_counts(size, fractions)
+    stops = np.cumsum(counts).tolist()
+    return {name: (stop - count, stop) for name, count, stop in zip(fractions, counts, stops)}
+
+
+def split_counts(size, fractions):
+    """Largest-remainder rounding of size * fractions; an empty split takes one from the fullest."""
+    ideal = [size * f for f in fractions.values()]
+    counts = [int(x) for x in ideal]
+    for k in sorted(range(len(ideal)), key=lambda k: counts[k] - ideal[k])[:size - sum(counts)]:
+        counts[k] += 1
+    for k in range(len(counts)):
+        if counts[k] == 0 and size >= len(counts):
+            donor = max((j for j in range(len(counts)) if counts[j] > 1), key=lambda j: counts[j] - ideal[j])
+            counts[donor], counts[k] = counts[donor] - 1, 1
+    return counts
+
+
+def assign_splits(keys, fractions, seed):
+    """{key: split}: the sorted distinct keys shuffled with `seed`, then cut by `fractions`."""
+    keys = sorted(set(keys))
+    random.Random(seed).shuffle(keys)
+    bounds = split_bounds(len(keys), fractions)
+    return {key: name for name, (start, stop) in bounds.items() for key in keys[start:stop]}
+
+
+# ------------------------------------------------------------------------------------------- readers
+# Each reader returns (candidates, skipped, fractions or split names): candidates are
+# (Sample, group, split or None) with `group` the unit of splitting.
+def present(value):
+    """The text with surrounding whitespace removed, or "" where it is missing (empty, NaN, None ...)."""
+    value = (value or "").strip()
+    return "" if value.lower() in ("", "nan", "none", "null", "n/a") else value
+
+
+def read_csv(path, required):
+    """Rows of a csv file as dicts, or None for a row with too few or too many fields."""
+    with open(path, newline="", encoding="utf-8", errors="replace") as f:
+        reader = csv.DictReader(f)
+        columns = reader.fieldnames or []
+        missing = [column for column in required if column not in columns]
+        if missing:
+            raise MinisdError(f"{path}: no column {', '.join(missing)} (it has {', '.join(columns) or 'none'})")
+        return [None if None in row or None in row.values() else row for row in reader]
+
+
+def read_iuxray(root):
+    reports_path, projections_path = root / "indiana_reports.csv", root / "indiana_projections.csv"
+    for path in (reports_path, projections_path):
+        if not path.is_file():
+            raise MinisdError(f"{path} not found; {LAYOUTS['iuxray']}")
+    skipped = Counter()
+    prompts = {}
+    for row in read_csv(reports_path, ("uid", "findings", "impression")):
+        if row is None or not present(row["uid"]):
+            skipped["malformed row"] += 1
+        elif row["uid"].strip() in prompts:
+            skipped["duplicate report"] += 1
+        else:
+            prompts[row["uid"].strip()] = present(row["findings"]) or present(row["impression"])
+    candidates, seen = [], set()
+    for row in read_csv(projections_path, ("uid", "filename", "projection")):
+        if row is None or not present(row["uid"]) or not present(row["filename"]):
+            skipped["malformed row"] += 1
+            continue
+        uid, filename, projection = row["uid"].strip(), row["filename"].strip(), row["projection"].strip().lower()
+        reason = ("no report" if uid not in prompts else "lateral projection" if projection == "lateral"
+                  else "unknown projection" if projection != "frontal" else "duplicate image" if filename in seen
+                  else "no findings or impression" if not prompts[uid] else None)
+        seen.add(filename)
+        if reason:
+            skipped[reason] += 1
+        else:
+            sample = Sample(filename.split(".")[0], f"images/images_normalized/{filename}", prompts[uid])
+            candidates.append((sample, uid, None))
+    return candidates, skipped, THREE_WAY
+
+
+def read_montgomery(root):
+    base = root / "MontgomerySet" if (root / "MontgomerySet").is_dir() else root
+    if not (base / "CXR_png").is_dir() or not (base / "ClinicalReadings").is_dir():
+        raise MinisdError(f"{root}: no MontgomerySet/CXR_png and ClinicalReadings folders; {LAYOUTS['montgomery']}")
+    prefix = "" if base == root else "MontgomerySet/"
+    candidates, skipped = [], Counter()
+    for image in sorted((base / "CXR_png").glob("MCUCXR_*.png")):
+        reading = base / "ClinicalReadings" / (image.stem + ".txt")
+        prompt = montgomery_prompt(reading.read_text(encoding="utf-8", errors="replace")) if reading.is_file() else None
+        if prompt is None:
+            skipped["no clinical reading" if not reading.is_file() else "empty clinical reading"] += 1
+        else:
+            candidates.append((Sample(image.stem, f"{prefix}CXR_png/{image.name}", prompt), image.stem, None))
+    return candidates, skipped, TWO_WAY
+
+
+SEX = {"m": "Male", "f": "Female"}  # "O" (other / unrecorded) and anything else leave the field out
+AGE_UNITS = {"y": 1, "m": 12, "w": 52, "d": 365}
+
+
+def montgomery_prompt(text):
+    """`age:32, gender:Male, findings:<reading>` from a ClinicalReadings file; None if it has no reading."""
+    age = sex = None
+    reading = []
+    for line in text.splitlines():
+        header = re.match(r"\s*patient'?s\s+(sex|age)\s*:\s*(.*)", line, re.IGNORECASE)
+        if header and header.group(1).lower() == "sex":
+            sex = SEX.get(header.group(2).strip().lower()[:1])
+        elif header:
+            value = re.match(r"0*(\d+)\s*([ymwd]?)", header.group(2).strip(), re.IGNORECASE)
+            age = int(value.group(1)) // AGE_UNITS[(value.group(2) or "y").lower()] if value else None
+        elif line.strip():
+            reading.append(line.strip())
+    reading = " ".join(" ".join(reading).split())
+    if not reading:
+        return None
+    fields = ([f"age:{age}"] if age is not None else []) + ([f"gender:{sex}"] if sex else [])
+    return ", ".join(fields + [f"findings:{reading}"])
+
+
+def read_folder(root):
+    paths = [root / name for name in ("metadata.csv", "metadata.jsonl") if (root / name).is_file()]
+    if len(paths) != 1:
+        found = "both metadata.csv and metadata.jsonl" if paths else "no metadata.csv or metadata.jsonl"
+        raise MinisdError(f"{root}: {found}; {LAYOUTS['folder']}")
+    path, = paths
+    if path.suffix == ".csv":
+        rows = read_csv(path, ("file_name", "text"))
+    else:
+        rows = []
+        for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+            if line.strip():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    row = None
+                valid = isinstance(row, dict) and isinstance(row.get("file_name"), str)
+                rows.append(row if valid and isinstance(row.get("text"), (str, type(None))) else None)
+    has_split = any(row is not None and "split" in row for row in rows)
+    candidates, skipped, seen = [], Counter(), set()
+    for row in rows:
+        file_name = present(row["file_name"]) if row is not None else ""
+        split = present(str(row.get("split") or "")).lower() if row is not None else ""
+        split = "val" if split == "validation" else split
+        if not file_name or (has_split and not split):
+            skipped["malformed row"] += 1
+        elif file_name in seen:
+            skipped["duplicate file_name"] += 1
+        elif not present(row.get("text")):
+            skipped["empty text"] += 1
+        else:
+            candidates.append((Sample(file_name, file_name, present(row.get("text"))), file_name, split or None))
+        seen.add(file_name)
+    if has_split:
+        named = {split for _, _, split in candidates}
+        return candidates, skipped, [s for s in THREE_WAY if s in named] + sorted(named - set(THREE_WAY))
+    return candidates, skipped, THREE_WAY
+
+
+READERS = {"iuxray": read_iuxray, "montgomery": read_montgomery, "folder": read_folder}
+
+
+# ------------------------------------------------------------------------------------------- entry point
+def load_dataset(name, root=None, split="train", resolution=224, seed=0):
+    """One split of a data set in DATASETS; `root` defaults to data/<name>, `seed` fixes the split
+    (and, for the phantom, the images)."""
+    if name not in DATASETS:
+        raise MinisdError(f"unknown data set {name!r}: choose one of {', '.join(DATASETS)}")
+    if not isinstance(resolution, int) or resolution < 1:
+        raise MinisdError(f"resolution must be a positive integer of pixels, got {resolution!r}")
+    if not isinstance(seed, int) or seed < 0:
+        raise MinisdError(f"seed must be a non-negative integer, got {seed!r}")
+    if name == "phantom":
+        return PhantomDataset(split, resolution, seed)
+    root = Path(root) if root is not None else Path("data") / name
+    if not root.is_dir():
+        raise MinisdError(f"data folder {root} not found; {LAYOUTS[name]}")
+
+    candidates, skipped, splits = READERS[name](root)
+    names = list(splits)
+    if split not in names:
+        raise MinisdError(f"{name} has no split {split!r}: it has {', '.join(names) or 'none'}")
+    # the split is drawn before images are checked, so that one broken file moves no other image
+    if isinstance(splits, dict):
+        chosen = assign_splits([group for _, group, _ in candidates], splits, seed)
+        candidates = [(sample, group, chosen[group]) for sample, group, _ in candidates]
+    problems = {}
+    samples = []
+    for sample, _, sample_split in candidates:
+        problem = image_problem(root / sample.file)
+        if problem:
+            skipped[problem] += 1
+            problems.setdefault(problem, sample.file)
+        elif sample_split == split:
+            samples.append(sample)
+    report = {"kept": len(samples), **dict(skipped.most_common())}
+    trouble = [f"{count:,} {reason}" for reason, count in skipped.most_common() if reason not in SELECTIONS]
+    if trouble:
+        examples = "; ".join(f"{reason}: {file}" for reason, file in problems.items())
+        warnings.warn(f"{name} at {root}: skipped {', '.join(trouble)}" + (f" (e.g. {examples})" if examples else ""),
+                      stacklevel=2)
+    if not samples:
+        counts = ", ".join(f"{count:,} {reason}" for reason, count in skipped.most_common()) or "none"
+        raise MinisdError(f"{name} at {root}: no usable images in split {split!r} (skipped: {counts}); {LAYOUTS[name]}")
+    return ImageTextDataset(name, root, split, names, samples, report, resolution)
+
+
+def summary(ds):
+    """One line for logs: "iuxray/train: 2,952 images (skipped: 3 no findings or impression, ...)"."""
+    skipped = [f"{count:,} {reason}" for reason, count in ds.report.items() if reason != "kept"]
+    return f"{ds.name}/{ds.split}: {len(ds):,} images" + (f" (skipped: {', '.join(skipped)})" if skipped else "")

@@ -1,0 +1,530 @@
+"""Data sets: readers on small trees in the real layouts, the image pipeline, splits, and the phantom."""
+import csv
+import json
+import random
+import warnings
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from minisd import phantom
+from minisd.data import DATASETS, load_dataset, load_image, summary
+from minisd.errors import MinisdError
+
+
+def save_png(path, size=(20, 16), seed=0, mode="L"):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0]), dtype=np.uint8)
+    Image.fromarray(pixels).convert(mode).save(path)
+    return path
+
+
+def write_csv(path, header, rows):
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+
+
+def load_quietly(*args, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return load_dataset(*args, **kwargs)
+
+
+# ------------------------------------------------------------------------------------------- IU X-Ray
+REPORT_HEADER = ["uid", "MeSH", "Problems", "image", "indication", "comparison", "findings", "impression"]
+
+
+@pytest.fixture
+def iuxray(tmp_path):
+    """A Kaggle-layout IU X-Ray tree exercising every kind of row."""
+    root = tmp_path / "iu"
+    images = root / "images" / "images_normalized"
+    reports = [
+        ["1", "normal", "normal", "Xray Chest PA and Lateral", "XXXX-year-old", "None.",
+         "The heart is normal in size. XXXX are clear.", "No acute disease."],
+        ["2", "Cardiomegaly", "Cardiomegaly", "", "", "", "", "  Cardiomegaly.  "],
+        ["3", "normal", "normal", "", "", "", "nan", ""],
+        ["4", "", "", "", "", "", "Line one of the findings.\nLine two.", "Stable."],
+        ["5", "", "", "", "", "", "Small left effusion.", ""],
+        ["6", "", "", "", "", "", "Clear lungs.", ""],
+        ["8", "", "", "", "", "", "Mild cardiomegaly.", ""],
+        ["9", "", "", "", "", "", "   ", "No active disease."],
+        ["10", "", "", "", "", "", "findings", "impression", "one field too many"],
+    ]
+    projections = [
+        ["1", "1_a.png", "Frontal"], ["1", "1_b.png", "Lateral"],
+        ["2", "2_a.png", "Frontal"], ["2", "2_b.png", "Lateral"],
+        ["3", "3_a.png", "Frontal"],
+        ["4", "4_a.png", "Frontal"], ["4", "4_b.png", "Frontal"], ["4", "4_c.png", "Lateral"],
+        ["5", "5_a.png", "Frontal"], ["5", "5_b.png", "Frontal"], ["5", "5_c.png", "Lateral"],
+        ["6", "6_a.png", "Frontal"], ["6", "6_b.png", "Frontal"],
+        ["7", "7_a.png", "Frontal"],
+        ["8", "8_a.png", "Frontal"], ["8", "8_b.png", "Frontal"],
+        ["9", "9_a.png", "Frontal"],
+        ["11", "11_a.png"],  # a field short
+    ]
+    root.mkdir()
+    write_csv(root / "indiana_reports.csv", REPORT_HEADER, reports)
+    write_csv(root / "indiana_projections.csv", ["uid", "filename", "projection"], projections)
+    for k, (_, name, *_) in enumerate(projections):
+        save_png(images / name, seed=k)
+    (images / "8_a.png").unlink()  # listed, not there
+    truncated = (images / "5_a.png").read_bytes()
+    (images / "5_a.png").write_bytes(truncated[: len(truncated) // 2])
+    (images / "6_a.png").write_text("not an image at all")
+    return root
+
+
+KEPT_IU = {"1_a": "The heart is normal in size. XXXX are clear.", "2_a": "Cardiomegaly.",
+           "4_a": "Line one of the findings.\nLine two.", "4_b": "Line one of the findings.\nLine two.",
+           "5_b": "Small left effusion.", "6_b": "Clear lungs.", "8_b": "Mild cardiomegaly.",
+           "9_a": "No active disease."}
+SKIPPED_IU = {"lateral projection": 4, "unreadable image": 2, "malformed row": 2, "no findings or impression": 1,
+              "no report": 1, "missing image": 1}
+
+
+def test_iuxray_prompts_counts_and_reasons(iuxray):
+    splits = {split: load_quietly("iuxray", iuxray, split=split, resolution=16) for split in ("train", "val", "test")}
+    prompts = {row["id"]: row["prompt"] for ds in splits.values() for row in ds.manifest()}
+    assert prompts == KEPT_IU  # findings, else impression, stripped; XXXX kept
+    for split, ds in splits.items():
+        assert ds.splits == ("train", "val", "test")
+        assert {k: v for k, v in ds.report.items() if k != "kept"} == SKIPPED_IU
+        assert ds.report["kept"] == len(ds) > 0
+    assert sum(len(ds) for ds in splits.values()) == len(KEPT_IU)
+    row = splits["train"].manifest()[0]
+    assert (iuxray / row["file"]).is_file() and row["file"].startswith("images/images_normalized/")
+
+
+def test_iuxray_warns_once_with_counts_and_summary(iuxray):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ds = load_dataset("iuxray", iuxray, split="train", resolution=16)
+    assert len(caught) == 1
+    message = str(caught[0].message)
+    assert "2 unreadable image" in message and "2 malformed row" in message and "1 missing image" in message
+    assert "lateral projection" not in message  # a selection, not a problem
+    line = summary(ds)
+    assert line.startswith(f"iuxray/train: {len(ds)} images (skipped: ")
+    assert "4 lateral projection" in line and "1 no findings or impression" in line
+
+
+def test_iuxray_split_by_study(iuxray):
+    uids = {}
+    for split in ("train", "val", "test"):
+        for row in load_quietly("iuxray", iuxray, split=split, resolution=16).manifest():
+            uids.setdefault(row["id"].split("_")[0], set()).add(split)
+    assert all(len(splits) == 1 for splits in uids.values())  # no study in two splits
+    assert set(uids) == {"1", "2", "4", "5", "6", "8", "9"}  # every kept study, once
+
+
+def write_big_iuxray(root, uids, order_seed):
+    rows = [[str(u), "", "", "", "", "", f"Findings of study {u}.", ""] for u in uids]
+    projections = [[str(u), f"{u}_{k}.png", "Frontal"] for u in uids for k in range(1 + u % 2)]
+    random.Random(order_seed).shuffle(rows)
+    random.Random(order_seed).shuffle(projections)
+    root.mkdir()
+    write_csv(root / "indiana_reports.csv", REPORT_HEADER, rows)
+    write_csv(root / "indiana_projections.csv", ["uid", "filename", "projection"], projections)
+    for _, name, _ in projections:
+        save_png(root / "images" / "images_normalized" / name, size=(4, 4))
+
+
+def split_of_uids(root, seed=0):
+    out = {}
+    for split in ("train", "val", "test"):
+        for row in load_dataset("iuxray", root, split=split, resolution=4, seed=seed).manifest():
+            out.setdefault(row["id"].split("_")[0], set()).add(split)
+    return out
+
+
+def test_iuxray_split_proportions_and_determinism(tmp_path):
+    uids = list(range(1, 501))
+    write_big_iuxray(tmp_path / "a", uids, order_seed=1)
+    write_big_iuxray(tmp_path / "b", uids, order_seed=2)  # same data, rows in another order
+    a, b = split_of_uids(tmp_path / "a"), split_of_uids(tmp_path / "b")
+    assert a == b
+    assert set(a) == {str(u) for u in uids} and all(len(s) == 1 for s in a.values())
+    sizes = {split: sum(s == {split} for s in a.values()) for split in ("train", "val", "test")}
+    assert abs(sizes["train"] - 400) <= 1 and abs(sizes["val"] - 80) <= 1 and abs(sizes["test"] - 20) <= 1
+    assert split_of_uids(tmp_path / "a", seed=1) != a  # the seed chooses the split
+
+
+# ------------------------------------------------------------------------------------------- Montgomery
+@pytest.fixture
+def montgomery(tmp_path):
+    base = tmp_path / "mc" / "MontgomerySet"
+    readings = {
+        "MCUCXR_0001_0": "Patient's Sex: M\nPatient's Age: 032Y\n\nnormal\n",
+        "MCUCXR_0002_1": "Patient's Sex: F \r\n  Patient's Age:  045Y\r\n\r\n  right upper lobe   infiltrate\r\n"
+                         "  consistent with TB \r\n",
+        "MCUCXR_0003_1": "Patient's Sex: O\nPatient's Age: 060Y\nbilateral pleural effusions\n",
+        "MCUCXR_0004_0": "Patient's Sex: F\n\nnormal",
+        "MCUCXR_0006_0": "Patient's Sex: M\nPatient's Age: 050Y\n\n   \n",
+        "MCUCXR_0007_1": "patient's sex:m\npatient's age:071Y\ncavity in the left upper lobe",
+    }
+    for k, name in enumerate(["MCUCXR_0001_0", "MCUCXR_0002_1", "MCUCXR_0003_1", "MCUCXR_0004_0",
+                              "MCUCXR_0005_0", "MCUCXR_0006_0", "MCUCXR_0007_1"]):
+        save_png(base / "CXR_png" / f"{name}.png", size=(24, 30), seed=k)
+    (base / "ClinicalReadings").mkdir()
+    for name, text in readings.items():
+        (base / "ClinicalReadings" / f"{name}.txt").write_bytes(text.encode())
+    return base.parent
+
+
+KEPT_MC = {
+    "MCUCXR_0001_0": "age:32, gender:Male, findings:normal",
+    "MCUCXR_0002_1": "age:45, gender:Female, findings:right upper lobe infiltrate consistent with TB",
+    "MCUCXR_0003_1": "age:60, findings:bilateral pleural effusions",
+    "MCUCXR_0004_0": "gender:Female, findings:normal",
+    "MCUCXR_0007_1": "age:71, gender:Male, findings:cavity in the left upper lobe",
+}
+
+
+@pytest.mark.parametrize("inside", [False, True])
+def test_montgomery_prompts_and_split(montgomery, inside):
+    root = montgomery / "MontgomerySet" if inside else montgomery
+    train, test = (load_quietly("montgomery", root, split=s, resolution=16) for s in ("train", "test"))
+    assert train.splits == ("train", "test")
+    rows = train.manifest() + test.manifest()
+    assert {r["id"]: r["prompt"] for r in rows} == KEPT_MC
+    assert (len(train), len(test)) == (4, 1)
+    assert all((root / r["file"]).is_file() for r in rows)
+    assert train.report["no clinical reading"] == 1 and train.report["empty clinical reading"] == 1
+    assert train[0]["image"].shape == (3, 16, 16)
+
+
+def test_montgomery_has_no_validation_split(montgomery):
+    with pytest.raises(MinisdError, match=r"montgomery has no split 'val'.*train, test"):
+        load_quietly("montgomery", montgomery, split="val")
+
+
+# ------------------------------------------------------------------------------------------- folder
+def test_folder_csv_and_jsonl(tmp_path):
+    csv_root, jsonl_root = tmp_path / "c", tmp_path / "j"
+    for root in (csv_root, jsonl_root):
+        for k in range(10):
+            save_png(root / "img" / f"{k}.png", seed=k)
+    write_csv(csv_root / "metadata.csv", ["file_name", "text"],
+              [[f"img/{k}.png", f"caption {k}"] for k in range(10)] + [["img/9.png", "again"], ["img/10.png", ""]])
+    lines = [json.dumps({"file_name": f"img/{k}.png", "text": f"caption {k}"}) for k in range(10)]
+    (jsonl_root / "metadata.jsonl").write_text("\n".join(lines + ["{not json", json.dumps({"text": "no file"})]) + "\n")
+
+    from_csv = {s: load_quietly("folder", csv_root, split=s, resolution=8) for s in ("train", "val", "test")}
+    from_jsonl = {s: load_quietly("folder", jsonl_root, split=s, resolution=8) for s in ("train", "val", "test")}
+    for sets in (from_csv, from_jsonl):
+        rows = [r for ds in sets.values() for r in ds.manifest()]
+        assert sorted(r["file"] for r in rows) == sorted(f"img/{k}.png" for k in range(10))
+        assert all(r["prompt"] == "caption " + r["file"][4:-4] for r in rows)
+        assert [len(sets[s]) for s in ("train", "val", "test")] == [8, 1, 1]
+    assert from_csv["train"].manifest() == from_jsonl["train"].manifest()  # the split depends on the rows only
+    assert from_csv["train"].report["duplicate file_name"] == 1 and from_csv["train"].report["empty text"] == 1
+    assert from_jsonl["train"].report["malformed row"] == 2
+
+
+def test_folder_split_column(tmp_path):
+    for k in range(6):
+        save_png(tmp_path / f"{k}.png", seed=k)
+    splits = ["train", "train", "validation", "test", "train", "test"]
+    rows = [[f"{k}.png", f"c{k}", s] for k, s in enumerate(splits)]
+    write_csv(tmp_path / "metadata.csv", ["file_name", "text", "split"], rows)
+    sets = {s: load_dataset("folder", tmp_path, split=s, resolution=8) for s in ("train", "val", "test")}
+    assert {s: sorted(r["file"] for r in ds.manifest()) for s, ds in sets.items()} == {
+        "train": ["0.png", "1.png", "4.png"], "val": ["2.png"], "test": ["3.png", "5.png"]}
+    assert sets["train"].splits == ("train", "val", "test")
+
+
+def test_folder_metadata_errors(tmp_path):
+    with pytest.raises(MinisdError, match="no metadata.csv or metadata.jsonl"):
+        load_dataset("folder", tmp_path)
+    write_csv(tmp_path / "metadata.csv", ["file", "caption"], [["a.png", "x"]])
+    with pytest.raises(MinisdError, match=r"metadata.csv: no column file_name, text"):
+        load_dataset("folder", tmp_path)
+    (tmp_path / "metadata.jsonl").write_text("")
+    with pytest.raises(MinisdError, match="both metadata.csv and metadata.jsonl"):
+        load_dataset("folder", tmp_path)
+
+
+# ------------------------------------------------------------------------------------------- errors
+def test_missing_root_names_folder_and_layout(tmp_path, monkeypatch):
+    with pytest.raises(MinisdError, match=r"data folder .*nowhere not found.*indiana_reports.csv"):
+        load_dataset("iuxray", tmp_path / "nowhere")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(MinisdError, match=r"data folder data/montgomery not found.*MontgomerySet/CXR_png"):
+        load_dataset("montgomery")
+    (tmp_path / "iu").mkdir()
+    with pytest.raises(MinisdError, match=r"indiana_reports.csv not found"):
+        load_dataset("iuxray", tmp_path / "iu")
+
+
+def test_bad_arguments():
+    with pytest.raises(MinisdError, match=r"unknown data set 'mimic'.*iuxray, montgomery, folder, phantom"):
+        load_dataset("mimic")
+    with pytest.raises(MinisdError, match="resolution"):
+        load_dataset("phantom", resolution=0)
+    with pytest.raises(MinisdError, match=r"phantom has no split 'valid'.*train, val, test"):
+        load_dataset("phantom", split="valid")
+    assert DATASETS == ("iuxray", "montgomery", "folder", "phantom")
+
+
+def test_missing_column_names_it(iuxray):
+    write_csv(iuxray / "indiana_projections.csv", ["uid", "file", "projection"], [["1", "1_a.png", "Frontal"]])
+    with pytest.raises(MinisdError, match=r"indiana_projections.csv: no column filename"):
+        load_dataset("iuxray", iuxray)
+
+
+def test_empty_data_set_says_why(tmp_path):
+    for k in range(3):
+        (tmp_path / f"{k}.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    write_csv(tmp_path / "metadata.csv", ["file_name", "text"], [[f"{k}.png", "x"] for k in range(3)])
+    with pytest.raises(MinisdError, match=r"no usable images in split 'train' \(skipped: 3 unreadable image\)"):
+        load_quietly("folder", tmp_path)
+
+
+# ------------------------------------------------------------------------------------------- images
+def test_pipeline_matches_torchvision(tmp_path):
+    from torchvision.transforms import CenterCrop, InterpolationMode, Resize
+    for k, size in enumerate([(40, 30), (30, 52), (33, 33), (300, 200)]):
+        path = save_png(tmp_path / f"{k}.png", size=size, seed=k, mode="RGB")
+        pixels = torch.from_numpy(np.array(Image.open(path))).permute(2, 0, 1).float() / 255
+        expected = CenterCrop(17)(Resize(17, InterpolationMode.BICUBIC, antialias=True)(pixels[None]))[0]
+        ours = load_image(path, 17)
+        assert ours.shape == (3, 17, 17)
+        assert torch.allclose(ours, expected.clamp(0, 1) * 2 - 1, atol=1e-5)
+
+
+def test_image_modes(tmp_path):
+    grey = np.random.default_rng(0).integers(0, 256, (24, 20), dtype=np.uint8)
+    Image.fromarray(grey).save(tmp_path / "l.png")
+    Image.fromarray(grey).convert("RGB").save(tmp_path / "rgb.png")
+    Image.fromarray(grey).convert("P").save(tmp_path / "p.png")
+    rgba = np.dstack([np.stack([grey] * 3, -1), np.full_like(grey, 255)])
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "rgba.png")
+    rgba[..., 3] = 0
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "clear.png")
+    Image.fromarray(grey).save(tmp_path / "l.jpg", quality=100)
+    reference = load_image(tmp_path / "l.png", 16)
+    assert reference.shape == (3, 16, 16) and reference.dtype == torch.float32
+    assert torch.equal(reference[0], reference[1]) and torch.equal(reference[0], reference[2])
+    assert reference.min() >= -1 and reference.max() <= 1 and reference.min() < -0.5 and reference.max() > 0.5
+    for name in ("rgb.png", "p.png", "rgba.png"):
+        assert torch.allclose(load_image(tmp_path / name, 16), reference, atol=1e-6), name
+    assert torch.allclose(load_image(tmp_path / "l.jpg", 16), reference, atol=0.05)
+    assert torch.equal(load_image(tmp_path / "clear.png", 16), torch.full((3, 16, 16), -1.0))
+
+
+def test_sixteen_bit_is_scaled_not_clipped(tmp_path):
+    ramp16 = np.linspace(0, 65535, 32 * 40).reshape(40, 32).astype(np.uint16)
+    Image.fromarray(ramp16).save(tmp_path / "ramp16.png")
+    Image.fromarray((ramp16 // 257).astype(np.uint8)).save(tmp_path / "ramp8.png")
+    assert Image.open(tmp_path / "ramp16.png").mode.startswith("I")
+    wide, narrow = load_image(tmp_path / "ramp16.png", 16), load_image(tmp_path / "ramp8.png", 16)
+    assert torch.allclose(wide, narrow, atol=2 / 255)
+    Image.fromarray(np.full((8, 8), 1000, np.uint16)).save(tmp_path / "dark16.png")
+    assert torch.allclose(load_image(tmp_path / "dark16.png", 8), torch.tensor(1000 / 65535 * 2 - 1), atol=1e-5)
+
+
+def test_broken_image_data_is_replaced_at_load_time(tmp_path):
+    for k in range(5):
+        save_png(tmp_path / f"{k}.png", size=(64, 64), seed=k)
+    data = bytearray((tmp_path / "2.png").read_bytes())
+    start = data.index(b"IDAT") + 8
+    data[start:start + 200] = bytes(200)  # header and end intact, pixel data destroyed
+    (tmp_path / "2.png").write_bytes(bytes(data))
+    rows = [[f"{k}.png", f"c{k}", "train"] for k in range(5)]
+    write_csv(tmp_path / "metadata.csv", ["file_name", "text", "split"], rows)
+    ds = load_dataset("folder", tmp_path, resolution=8)  # passes the cheap check
+    position = [r["file"] for r in ds.manifest()].index("2.png")
+    with pytest.warns(UserWarning, match=r"2.png: cannot be decoded"):
+        item = ds[position]
+    assert item["id"] == ds.manifest()[(position + 1) % len(ds)]["id"]
+    assert item["image"].shape == (3, 8, 8)
+    with pytest.raises(IndexError):
+        ds[len(ds)]
+
+
+def test_manifest_written_atomically(iuxray, tmp_path):
+    ds = load_quietly("iuxray", iuxray, split="train", resolution=8)
+    path = tmp_path / "run" / "train.jsonl"
+    ds.write_manifest(path)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert rows == ds.manifest() and set(rows[0]) == {"id", "file", "prompt"}
+    assert [p.name for p in path.parent.iterdir()] == ["train.jsonl"]
+
+
+# ------------------------------------------------------------------------------------------- phantom
+def test_phantom_dataset_items_and_splits():
+    sets = {s: load_dataset("phantom", split=s, resolution=32, seed=3) for s in ("train", "val", "test")}
+    assert [len(sets[s]) for s in ("train", "val", "test")] == [1600, 320, 80]
+    ids = [r["id"] for ds in sets.values() for r in ds.manifest()]
+    assert len(set(ids)) == 2000
+    item = sets["val"][5]
+    assert item["image"].shape == (3, 32, 32) and item["image"].dtype == torch.float32
+    assert item["image"].min() >= -1 and item["image"].max() <= 1
+    assert torch.equal(item["image"][0], item["image"][2])
+    assert item["prompt"] == sets["val"].manifest()[5]["prompt"] and item["id"] == sets["val"].manifest()[5]["id"]
+    assert sets["val"].manifest()[5]["file"] == ""
+    case = phantom.make_case(3, 1600 + 5)
+    assert torch.equal(item["image"][0], torch.from_numpy(phantom.render(case, 32)) * 2 - 1)
+    assert summary(sets["test"]) == "phantom/test: 80 images"
+
+
+def test_phantom_is_deterministic_per_seed_and_index():
+    a, b = phantom.make_case(7, 11), phantom.make_case(7, 11)
+    assert a == b and phantom.report(a) == phantom.report(b)
+    assert np.array_equal(phantom.render(a, 64), phantom.render(b, 64))
+    assert not np.array_equal(phantom.render(a, 64), phantom.render(phantom.make_case(7, 12), 64))
+    assert not np.array_equal(phantom.render(a, 64), phantom.render(phantom.make_case(8, 11), 64))
+    image = phantom.render(a, 100)
+    assert image.shape == (100, 100) and image.dtype == np.float32 and 0 <= image.min() and image.max() <= 1
+
+
+def test_phantom_text_states_every_finding():
+    counts = {"cardiomegaly": 0, "effusion": 0, "pneumothorax": 0, "nodule": 0, "consolidation": 0}
+    for index in range(400):
+        case = phantom.make_case(0, index)
+        text = phantom.report(case)
+        assert case.cardiomegaly == ("enlarged" in text or "cardiomegaly" in text)
+        effusion = dict(case.effusion)
+        if len(effusion) == 2:
+            assert "bilateral pleural effusions" in text.lower()
+            assert effusion["right"] in text.lower() and effusion["left"] in text.lower()
+        elif effusion:
+            (side, size), = effusion.items()
+            assert f"{size} {side} pleural effusion" in text.lower()
+            assert "bilateral" not in text and f"{'left' if side == 'right' else 'right'} pleural" not in text
+        else:
+            assert "No pleural effusion" in text
+        if case.pneumothorax:
+            side, size = case.pneumothorax
+            assert f"{size.capitalize()} {side}" in text
+            assert "No pneumothorax" not in text and "or pneumothorax" not in text
+        else:
+            assert "No pneumothorax" in text or "No pleural effusion or pneumothorax" in text
+        assert text.count("mm nodule") == len(case.nodules)
+        for nodule in case.nodules:
+            assert f"{nodule.size_mm} mm nodule in the {nodule.lobe}." in text
+        stated = "Patchy consolidation" in text or "airspace opacity" in text
+        assert (case.consolidation is not None) == stated
+        if case.consolidation:
+            assert case.consolidation.lobe in text
+        assert case.hyperinflation == ("yperinflated" in text)
+        counts["cardiomegaly"] += case.cardiomegaly
+        counts["effusion"] += bool(case.effusion)
+        counts["pneumothorax"] += bool(case.pneumothorax)
+        counts["nodule"] += bool(case.nodules)
+        counts["consolidation"] += case.consolidation is not None
+    assert all(count >= 20 for count in counts.values()), counts  # every finding is common enough to learn
+
+
+def cases_with(predicate, count=6):
+    found = []
+    for index in range(2000):
+        case = phantom.make_case(0, index)
+        if predicate(case):
+            found.append(case)
+            if len(found) == count:
+                return found
+    raise AssertionError("too few cases")
+
+
+def pixel_box(case, n, side, x_range, y_range):
+    """Pixel slice of a box given in lung coordinates: p (lateral fraction) and absolute y."""
+    def to_pixel(v):
+        return int(round((v * case.scale + 1) / 2 * n))
+    xs = sorted(to_pixel(case.cx + phantom.SIGN[side] * p * case.width) for p in x_range)
+    ys = sorted(to_pixel(v) for v in y_range)
+    return slice(*ys), slice(*xs)
+
+
+N = 128
+
+
+def test_phantom_effusion_brightens_its_side_base():
+    for case in cases_with(lambda c: len(c.effusion) == 1 and c.effusion[0][1] != "small"):
+        (side,), other = [s for s, _ in case.effusion], [s for s in phantom.SIDES if s not in dict(case.effusion)][0]
+        film, dry = phantom.render(case, N), phantom.render(replace(case, effusion=()), N)
+        base = {s: pixel_box(case, N, s, (0.5, 0.85), (case.base(s) - 0.25, case.base(s) - 0.1)) for s in phantom.SIDES}
+        assert film[base[side]].mean() > film[base[other]].mean() + 0.1  # the patient's side, as radiology shows it
+        assert (film - dry)[base[side]].mean() > 0.1
+        assert abs((film - dry)[base[other]].mean()) < 0.01
+
+
+def test_phantom_right_means_image_left():
+    case = cases_with(lambda c: c.effusion_side == "right" and dict(c.effusion)["right"] == "large")[0]
+    difference = phantom.render(case, N) - phantom.render(replace(case, effusion=()), N)
+    assert difference[:, : N // 2].mean() > 0.02 and abs(difference[:, N // 2:].mean()) < 0.002
+
+
+def silhouette_width(film, case, n):
+    """Width in pixels of the bright central shadow a little above the diaphragm: the run of pixels
+    brighter than halfway between the darkest lung and the midline."""
+    row = film[int(round(((phantom.heart_level(case) - 0.1) * case.scale + 1) / 2 * n))]
+    centre = int(round((case.cx * case.scale + 1) / 2 * n))
+    threshold = (row[int(0.1 * n): int(0.9 * n)].min() + row[centre]) / 2
+    left = right = centre
+    while row[left - 1] > threshold:
+        left -= 1
+    while row[right + 1] > threshold:
+        right += 1
+    return right - left + 1
+
+
+def test_phantom_cardiomegaly_widens_the_heart_shadow():
+    for case in cases_with(lambda c: not c.effusion and not c.pneumothorax and not c.devices):
+        normal = phantom.render(replace(case, heart_ratio=0.42), N)
+        enlarged = phantom.render(replace(case, heart_ratio=0.62), N)
+        assert silhouette_width(enlarged, case, N) > 1.15 * silhouette_width(normal, case, N)
+    # and across patients, as the reports say: shadow width relative to the chest
+    ratios = {True: [], False: []}
+    for case in cases_with(lambda c: not c.effusion and not c.pneumothorax and not c.devices, count=40):
+        chest = case.width * case.scale * N
+        ratios[case.cardiomegaly].append(silhouette_width(phantom.render(case, N), case, N) / chest)
+    assert min(map(len, ratios.values())) >= 5
+    assert np.mean(ratios[True]) > 1.15 * np.mean(ratios[False])
+
+
+def test_phantom_pneumothorax_darkens_its_periphery():
+    t = ((np.arange(N) + 0.5) / N * 2 - 1)
+    for case in cases_with(lambda c: bool(c.pneumothorax)):
+        side, size = case.pneumothorax
+        x, y = t[None, :] / case.scale, t[:, None] / case.scale
+        film, whole = phantom.render(case, N), phantom.render(replace(case, pneumothorax=()), N)
+        rims = {}
+        for s in phantom.SIDES:  # the band along the apical and lateral pleura that the air fills
+            wall, field = phantom.lung_outline(case, s, x, y)
+            gap = phantom.pneumothorax_gap(size, phantom.lung_coords(case, s, x, y)[1])
+            rims[s] = (field > 0.01) & (wall < gap - 0.01)
+        other = "left" if side == "right" else "right"
+        assert rims[side].sum() > 20
+        assert (film - whole)[rims[side]].mean() < -0.05
+        assert abs((film - whole)[rims[other]].mean()) < 0.005
+        lost = np.clip(whole - film, 0, None)
+        image_half = slice(0, N // 2) if side == "right" else slice(N // 2, N)  # the patient's right is on the left
+        assert lost[:, image_half].sum() > 0.95 * lost.sum()
+
+
+def test_phantom_nodules_and_consolidation_are_where_the_text_says():
+    for case in cases_with(lambda c: len(c.nodules) > 0 or c.consolidation is not None, count=10):
+        film = phantom.render(case, 256)
+        clear = phantom.render(replace(case, nodules=(), consolidation=None), 256)
+        for lesion in case.nodules + ((case.consolidation,) if case.consolidation else ()):
+            side = "right" if "right" in lesion.lobe else "left"
+            assert (lesion.x - case.cx) * phantom.SIGN[side] > 0  # on the named side of the image
+            row, col = (int((v * case.scale + 1) / 2 * 256) for v in (lesion.y, lesion.x))
+            assert film[row, col] - clear[row, col] > 0.1, lesion
+        assert np.abs(film - clear)[:, :].max() > 0.1
+
+
+@pytest.mark.parametrize("resolution", [64, 224])
+def test_phantom_renders_at_any_resolution(resolution):
+    case = phantom.make_case(0, 1)
+    image = phantom.render(case, resolution)
+    small = np.asarray(Image.fromarray(image).resize((32, 32), Image.BOX))
+    reference = np.asarray(Image.fromarray(phantom.render(case, 256)).resize((32, 32), Image.BOX))
+    assert np.abs(small - reference).mean() < 0.03  # the same anatomy, not a resized bitmap
