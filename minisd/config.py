@@ -51,7 +51,9 @@ class ModelConfig:
 CONFIGS = {
     "sd15": ModelConfig(),
     "tiny": ModelConfig(
-        unet=UNetConfig(model_channels=32, context_dim=64),
+        # 64 channels keep two per GroupNorm group at the first level: with one, a res block's
+        # per-channel time embedding would be normalised away and its gradient would be rounding noise.
+        unet=UNetConfig(model_channels=64, channel_mult=(1, 2, 2, 2), context_dim=64),
         vae=VAEConfig(ch=32),
         text=TextConfig(width=64, layers=2, heads=1, mlp_width=256),   # CLIP heads are 64 wide
     ),

@@ -2,6 +2,7 @@
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 class CLIPAttention(nn.Module):
@@ -54,10 +55,11 @@ class CLIPEncoder(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.layers = nn.ModuleList(CLIPEncoderLayer(cfg.width, cfg.heads, cfg.mlp_width) for _ in range(cfg.layers))
+        self.gradient_checkpointing = False
 
     def forward(self, x):
         for layer in self.layers:
-            x = layer(x)
+            x = checkpoint(layer, x, use_reentrant=False) if self.gradient_checkpointing and torch.is_grad_enabled() else layer(x)
         return x
 
 

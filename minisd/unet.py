@@ -4,6 +4,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 def timestep_embedding(t, dim):
@@ -166,7 +167,13 @@ class UNet(nn.Module):
                     layers.append(Upsample(ch))
                 self.output_blocks.append(TimestepSequential(layers))
 
-        self.out = nn.Sequential(nn.GroupNorm(32, ch), nn.SiLU(), nn.Conv2d(mc, cfg.out_channels, 3, padding=1))
+        self.out = nn.Sequential(nn.GroupNorm(32, ch), nn.SiLU(), nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
+        self.gradient_checkpointing = False   # recompute each block in backward instead of storing activations
+
+    def run(self, block, *args, **kwargs):
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return checkpoint(block, *args, use_reentrant=False, **kwargs)
+        return block(*args, **kwargs)
 
     def forward(self, x, t, context):
         t = torch.as_tensor(t, device=x.device).expand(x.shape[0])
@@ -174,10 +181,10 @@ class UNet(nn.Module):
         context = context.to(x.dtype)
         skips = []
         for block in self.input_blocks:
-            x = block(x, emb, context)
+            x = self.run(block, x, emb, context)
             skips.append(x)
-        x = self.middle_block(x, emb, context)
+        x = self.run(self.middle_block, x, emb, context)
         for block in self.output_blocks:
             x = torch.cat([x, skips.pop()], dim=1)
-            x = block(x, emb, context, up_size=skips[-1].shape[-2:] if skips else None)
+            x = self.run(block, x, emb, context, up_size=skips[-1].shape[-2:] if skips else None)
         return self.out(x)

@@ -1,0 +1,353 @@
+"""The fine-tuning loop: ε-prediction MSE on VAE latents, adapters in the U-Net and text encoder.
+
+Every random draw of a step (latent sample, timesteps, noise, prompt dropout, DyLoRA rank) comes from
+one CPU generator for the whole global batch, which each process slices: runs are reproducible, a
+resumed run continues exactly, and N processes compute what one process would with the same global
+batch. Adapter gradients are averaged across processes by hand, because SeLoRA changes parameter
+shapes during training, which DistributedDataParallel cannot follow.
+"""
+import json
+import math
+import os
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from . import adapters
+from .data import load_dataset, summary
+from .errors import MinisdError
+from .images import grid, save_png
+from .model import load
+from .plots import rank_heatmap
+from .sampling import add_noise, alphas_cumprod, ddim_sample
+
+AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class Run:
+    """The run folder: args, manifests, JSONL log, checkpoints, adapters, plots. Only process 0 writes."""
+
+    def __init__(self, path, writer):
+        self.path, self.writer = path, writer
+        if writer:
+            os.makedirs(os.path.join(path, "samples"), exist_ok=True)
+        self.log_file = None
+
+    def file(self, name):
+        return os.path.join(self.path, name)
+
+    def open_log(self, keep_until_step=None):
+        """Append to log.jsonl; on resume, drop what was logged after the checkpoint being resumed."""
+        if not self.writer:
+            return
+        path = self.file("log.jsonl")
+        if keep_until_step is not None and os.path.exists(path):
+            with open(path) as f:
+                kept = [line for line in f if json.loads(line).get("step", 0) <= keep_until_step]
+            with open(path, "w") as f:
+                f.writelines(kept)
+        self.log_file = open(path, "a")
+
+    def log(self, record):
+        if self.log_file:
+            self.log_file.write(json.dumps(record) + "\n")
+            self.log_file.flush()
+
+    def save_json(self, name, payload):
+        if self.writer:
+            tmp = self.file(name + ".tmp")
+            with open(tmp, "w") as f:
+                json.dump(payload, f, indent=2)
+            os.replace(tmp, self.file(name))
+
+
+def setup_distributed(device_name):
+    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK: NCCL on GPUs, gloo on the CPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, device_name
+    backend = "nccl" if device_name.startswith("cuda") else "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend)
+    rank = dist.get_rank()
+    if device_name.startswith("cuda"):
+        device_name = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        torch.cuda.set_device(device_name)
+    return rank, world, device_name
+
+
+def average_gradients(params, world):
+    grads = [p.grad for p in params if p.grad is not None]
+    if world == 1 or not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def trainable_state(sd):
+    return {name: p.detach().cpu().clone() for name, p in sd.named_parameters() if p.requires_grad}
+
+
+def atomic_torch_save(obj, path):
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+class Trainer:
+    def __init__(self, args, run_path, resume):
+        self.args = args
+        self.rank, self.world, self.device = setup_distributed(args.device)
+        self.run = Run(run_path, writer=self.rank == 0)
+        self.autocast = AUTOCAST[args.precision]
+        if args.precision == "fp16" and not self.device.startswith("cuda"):
+            raise MinisdError("--precision fp16 needs a GPU; use bf16 or fp32 on the CPU")
+
+        self.sd = load(args.model, device=self.device, dtype=torch.float32)
+        self.sd.unet.gradient_checkpointing = self.sd.text_encoder.text_model.encoder.gradient_checkpointing = args.grad_checkpointing
+        torch.manual_seed(args.seed)   # adapter initialisation: the same on every process and every resume
+        self.summary = adapters.inject(self.sd, args.method, rank=args.rank, alpha=args.alpha, convs=args.convs,
+                                       text_encoder=not args.freeze_text_encoder)
+        self.layers = adapters.adapted_layers(self.sd)
+
+        self.train_set = load_dataset(args.data, args.data_root, "train", args.resolution, args.seed)
+        self.val_set = load_dataset(args.data, args.data_root, "val", args.resolution, args.seed) if "val" in self.train_set.splits else None
+        self.global_batch = args.batch_size * self.world
+        self.steps_per_epoch = len(self.train_set) // (self.global_batch * args.grad_accum)
+        if self.steps_per_epoch == 0:
+            raise MinisdError(f"the training split has {len(self.train_set)} images, fewer than one step's "
+                              f"{self.global_batch * args.grad_accum} (--batch-size × processes × --grad-accum)")
+        self.total_steps = args.max_steps or args.epochs * self.steps_per_epoch
+
+        self.params = [p for p in self.sd.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.Adam(self.params, lr=args.lr, weight_decay=0.0)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=args.precision == "fp16")
+        self.controller = None
+        if args.method == "selora":
+            self.controller = adapters.SeLoRAController(self.layers.items(), lam=args.lam, every=args.expand_every,
+                                                        max_rank=args.max_rank, fisher_window=args.fisher_window,
+                                                        seed=args.seed, distributed=self.world > 1)
+        elif args.method == "adalora":
+            self.controller = adapters.AdaLoRAController(self.layers.items(), total_steps=self.total_steps, target_rank=args.rank)
+        self.generator = torch.Generator().manual_seed(args.seed)
+        self.ac = alphas_cumprod().to(self.device)
+        self.step, self.best_val, self.rank_history = 0, math.inf, []
+        if resume:
+            self.load_checkpoint()
+        self.run.open_log(keep_until_step=self.step if resume else None)
+
+    # ------------------------------------------------------------------------------------ a step
+
+    def batch_indices(self, step, micro):
+        """Dataset indices of this process's share of micro-batch `micro` of optimizer step `step` (1-based):
+        each epoch walks a permutation seeded by (seed, epoch), dropping the incomplete tail."""
+        epoch, within = divmod(step - 1, self.steps_per_epoch)
+        order = torch.randperm(len(self.train_set), generator=torch.Generator().manual_seed(self.args.seed * 100003 + epoch))
+        start = (within * self.args.grad_accum + micro) * self.global_batch + self.rank * self.args.batch_size
+        return order[start:start + self.args.batch_size].tolist()
+
+    def draws(self, shape):
+        """Randomness of one global micro-batch, sliced to this process."""
+        g, n = self.generator, self.global_batch
+        d = {"latent": torch.randn(n, *shape, generator=g), "t": torch.randint(0, 1000, (n,), generator=g),
+             "noise": torch.randn(n, *shape, generator=g), "drop": torch.rand(n, generator=g) < self.args.cfg_dropout}
+        lo = self.rank * self.args.batch_size
+        return {k: v[lo:lo + self.args.batch_size].to(self.device) for k, v in d.items()}
+
+    def autocast_ctx(self):
+        device_type = "cuda" if self.device.startswith("cuda") else "cpu"
+        return torch.autocast(device_type, dtype=self.autocast, enabled=self.autocast is not None)
+
+    def loss(self, items, draws, with_grad=True):
+        images = torch.stack([it["image"] for it in items]).to(self.device)
+        prompts = ["" if drop else it["prompt"] for it, drop in zip(items, draws["drop"].tolist())]
+        with torch.no_grad(), self.autocast_ctx():
+            mean, logvar = self.sd.vae.encode(images)
+        latents = (mean.float() + (0.5 * logvar.float()).exp() * draws["latent"]) * self.sd.vae.scaling_factor
+        noisy = add_noise(latents, draws["noise"], draws["t"], self.ac)
+        with torch.set_grad_enabled(with_grad), self.autocast_ctx():
+            context = self.sd.text_encoder(self.sd.tokenizer(prompts).to(self.device))
+            eps = self.sd.unet(noisy, draws["t"], context)
+        return F.mse_loss(eps.float(), draws["noise"])
+
+    def train_step(self):
+        step = self.step + 1
+        if self.args.method == "selora":
+            self.controller.begin_step(step)
+        if self.args.method == "dylora":
+            adapters.sample_dylora_rank(self.layers.values(), self.generator)
+        latent_shape = (4, self.args.resolution // 8, self.args.resolution // 8)
+        total = 0.0
+        for micro in range(self.args.grad_accum):
+            items = [self.train_set[i] for i in self.batch_indices(step, micro)]
+            loss = self.loss(items, self.draws(latent_shape))
+            if self.args.method == "adalora":
+                loss = loss + self.controller.regularizer()
+            self.check_finite(loss, step)
+            self.scaler.scale(loss / self.args.grad_accum).backward()
+            total += loss.item() / self.args.grad_accum
+        average_gradients(self.params, self.world)
+        if self.world > 1:
+            mean_loss = torch.tensor([total], device=self.device)
+            dist.all_reduce(mean_loss)
+            total = mean_loss.item() / self.world
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        events = []
+        if self.args.method == "selora":
+            events = self.controller.end_step(step, self.optimizer)
+        elif self.args.method == "adalora":
+            self.controller.update_and_allocate(step)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step = step
+        return total, events
+
+    def check_finite(self, loss, step):
+        bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=self.device)
+        if self.world > 1:
+            dist.all_reduce(bad)
+        if bad.item():
+            last = self.run.file("checkpoint.pt")
+            raise MinisdError(f"non-finite loss at step {step}; stopped with the last good checkpoint "
+                              f"{last if os.path.exists(last) else '(none yet)'} intact — try --precision bf16/fp32 or a lower --lr")
+
+    # ------------------------------------------------------------------------------ validation
+
+    def total_rank(self):
+        return sum(layer.rank for layer in self.layers.values())
+
+    def ranks(self):
+        return {name: layer.rank for name, layer in self.layers.items()}
+
+    @torch.no_grad()
+    def validate(self):
+        """Mean loss over the validation split with fixed draws (the same every time), and a sample grid."""
+        if self.args.method == "dylora":
+            adapters.set_dylora_rank(self.layers.values(), None)
+        val_loss = None
+        if self.val_set is not None and len(self.val_set):
+            g = torch.Generator().manual_seed(self.args.seed + 1)
+            shape = (4, self.args.resolution // 8, self.args.resolution // 8)
+            losses, n = [], min(len(self.val_set), self.args.val_max or len(self.val_set))
+            for start in range(0, n, self.args.batch_size):
+                items = [self.val_set[i] for i in range(start, min(n, start + self.args.batch_size))]
+                b = len(items)
+                draws = {"latent": torch.randn(b, *shape, generator=g), "t": torch.randint(0, 1000, (b,), generator=g),
+                         "noise": torch.randn(b, *shape, generator=g), "drop": torch.zeros(b, dtype=torch.bool)}
+                draws = {k: v.to(self.device) for k, v in draws.items()}
+                losses.append(self.loss(items, draws, with_grad=False).item() * b)
+            val_loss = sum(losses) / n
+        source = self.val_set if self.val_set is not None and len(self.val_set) else self.train_set
+        prompts = [source[i]["prompt"] for i in range(min(self.args.val_images, len(source)))]
+        if prompts:
+            with self.autocast_ctx():
+                images = ddim_sample(self.sd, prompts, steps=self.args.val_steps, height=self.args.resolution,
+                                     width=self.args.resolution, seed=self.args.seed, progress=False)
+            save_png(grid(images), self.run.file(os.path.join("samples", f"step{self.step:06d}.png")))
+        return val_loss
+
+    # ---------------------------------------------------------------------------- files
+
+    def save_adapter(self, name):
+        adapters.save_adapter(self.run.file(name), self.sd, self.args.method, self.args.alpha, args=vars(self.args),
+                              rank_history=self.rank_history)
+
+    def save_plots(self):
+        ranks = self.ranks()
+        for part, title in (("unet", "U-Net"), ("text_encoder", "text encoder")):
+            rank_heatmap(ranks, part, self.run.file(f"ranks_{part}.png"), title)
+
+    def save_checkpoint(self):
+        if not self.run.writer:
+            return
+        state = {"step": self.step, "trainable": trainable_state(self.sd), "optimizer": self.optimizer.state_dict(),
+                 "scaler": self.scaler.state_dict(), "generator": self.generator.get_state(),
+                 "torch_rng": torch.get_rng_state(), "best_val": self.best_val, "rank_history": self.rank_history,
+                 "controller": self.controller.state_dict() if self.controller is not None else None}
+        atomic_torch_save(state, self.run.file("checkpoint.pt"))
+
+    def load_checkpoint(self):
+        path = self.run.file("checkpoint.pt")
+        if not os.path.exists(path):
+            raise MinisdError(f"--resume: {path} not found (the run has not saved a checkpoint yet)")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise MinisdError(f"--resume: {path} cannot be read ({str(e).splitlines()[0]})") from None
+        if state["controller"] is not None:
+            self.controller.load_state_dict(state["controller"])   # SeLoRA: resizes layers to their saved ranks
+        params = dict(self.sd.named_parameters())
+        for name, value in state["trainable"].items():
+            if name not in params:
+                raise MinisdError(f"--resume: checkpoint parameter {name} does not exist in this model")
+            params[name].data = value.to(self.device)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        self.step, self.best_val, self.rank_history = state["step"], state["best_val"], state["rank_history"]
+
+    # ------------------------------------------------------------------------------------ loop
+
+    def end_of_validation_period(self):
+        val_loss = self.validate() if self.run.writer else None
+        if self.run.writer:
+            self.run.log({"step": self.step, "event": "validation", "val_loss": val_loss})
+            if val_loss is None or val_loss < self.best_val:
+                self.best_val = val_loss if val_loss is not None else self.best_val
+                self.save_adapter("adapter.safetensors")
+            self.save_plots()
+        return val_loss
+
+    def fit(self):
+        a = self.args
+        if self.run.writer:
+            print(f"{summary(self.train_set)}" + (f"; {summary(self.val_set)}" if self.val_set is not None else ""))
+            print(f"adapters: {self.summary['method']} in {self.summary['layers']} layers, "
+                  f"{self.summary['trainable_params']:,} trainable parameters; {self.total_steps} steps of "
+                  f"{self.global_batch * a.grad_accum} images")
+            for split, ds in (("train", self.train_set), ("val", self.val_set)):
+                if ds is not None:
+                    ds.write_manifest(self.run.file(f"manifest_{split}.jsonl"))
+        bar = tqdm(total=self.total_steps, initial=self.step, desc="training", unit="step", disable=not self.run.writer,
+                   dynamic_ncols=True)
+        val_loss = None
+        while self.step < self.total_steps:
+            start = time.perf_counter()
+            loss, events = self.train_step()
+            rate = self.global_batch * a.grad_accum / (time.perf_counter() - start)
+            self.rank_history.extend(events)
+            self.run.log({"step": self.step, "loss": loss, "lr": self.optimizer.param_groups[0]["lr"],
+                          "images_per_s": rate, "total_rank": self.total_rank()})
+            for e in events:
+                self.run.log({"event": "expand", **e})
+            bar.set_postfix(loss=f"{loss:.4f}", rank=self.total_rank(), img_s=f"{rate:.1f}")
+            bar.update(1)
+            if events and self.run.writer:
+                bar.write(f"step {self.step}: {len(events)} layers grew; total rank {self.total_rank()}")
+            end_of_epoch = self.step % self.steps_per_epoch == 0 or self.step == self.total_steps
+            if end_of_epoch:
+                val_loss = self.end_of_validation_period()
+                if val_loss is not None:
+                    bar.write(f"step {self.step}: validation loss {val_loss:.4f} (best {self.best_val:.4f})")
+            if end_of_epoch or self.step % a.save_every == 0:
+                self.save_checkpoint()
+        bar.close()
+        if self.run.writer:
+            self.save_adapter("adapter_last.safetensors")
+            if not os.path.exists(self.run.file("adapter.safetensors")):
+                self.save_adapter("adapter.safetensors")
+            self.save_plots()
+            print(f"done: {self.run.path} (total rank {self.total_rank()}, best validation loss "
+                  f"{self.best_val if self.best_val < math.inf else 'n/a'})")
+        if self.world > 1:
+            dist.barrier()
+        return self.run.path

@@ -1,0 +1,117 @@
+"""Fine-tune SD-1.5 with SeLoRA (or LoRA, DyLoRA, AdaLoRA) on an image–text data set.
+
+    python train.py --model tiny --data phantom                       # CPU demo, a few minutes
+    python train.py --data iuxray --data-root DIR --lambda 1.1        # SeLoRA on IU X-Ray
+    torchrun --nproc_per_node 4 train.py --data iuxray ...            # several GPUs
+    python train.py --resume NAME                                     # continue runs/NAME after a stop
+"""
+import argparse
+import datetime
+import json
+import os
+
+import minisd
+from minisd.adapters import METHODS
+from minisd.cli import PRECISIONS, main_guard, pick_device
+from minisd.data import DATASETS
+from minisd.errors import MinisdError
+from minisd.training import Trainer
+
+RUNS = "runs"
+TINY_DEMO_STEPS = 120   # the tiny model's default: enough for three SeLoRA tests at --expand-every 40
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=minisd.DEFAULT_MODEL, help="single .safetensors/.ckpt file, diffusers folder, hub id, or 'tiny'")
+    p.add_argument("--data", default="phantom", choices=sorted(DATASETS))
+    p.add_argument("--data-root", help="data folder (default data/<name>)")
+    p.add_argument("--method", default="selora", choices=METHODS)
+    p.add_argument("--rank", type=int, default=4, help="LoRA rank, DyLoRA's r_max, AdaLoRA's target rank (SeLoRA starts at 1)")
+    p.add_argument("--alpha", type=float, default=1.0, help="scale s = alpha / initial rank")
+    p.add_argument("--lambda", dest="lam", type=float, default=1.1, help="SeLoRA: grow a layer when its FI-ratio ≥ λ")
+    p.add_argument("--expand-every", type=int, default=40, help="SeLoRA: steps between rank tests")
+    p.add_argument("--max-rank", type=int, help="SeLoRA: cap on any layer's rank")
+    p.add_argument("--fisher-window", type=int, default=1, help="SeLoRA: steps of Fisher information accumulated per test")
+    p.add_argument("--convs", action="store_true", help="also adapt the U-Net's 1×1 proj_in/proj_out convolutions")
+    p.add_argument("--freeze-text-encoder", action="store_true", help="adapt the U-Net only")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--max-steps", type=int, help=f"stop after this many optimizer steps (tiny model: {TINY_DEMO_STEPS})")
+    p.add_argument("--batch-size", type=int, default=8, help="images per process per micro-batch")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (no weight decay)")
+    p.add_argument("--resolution", type=int, default=224)
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="autocast precision; adapters stay fp32")
+    p.add_argument("--grad-checkpointing", action="store_true")
+    p.add_argument("--cfg-dropout", type=float, default=0.1, help="probability of training on the empty prompt")
+    p.add_argument("--val-max", type=int, help="validation loss on the first N validation images (default all)")
+    p.add_argument("--val-images", type=int, default=4, help="images in the sample grid at each validation")
+    p.add_argument("--val-steps", type=int, default=25, help="DDIM steps of the validation samples")
+    p.add_argument("--save-every", type=int, default=100, help="steps between checkpoints (also at each epoch end)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--run-name", help=f"folder under {RUNS}/ (default DATA-METHOD-TIME)")
+    p.add_argument("--resume", nargs="?", const="", metavar="NAME",
+                   help="continue runs/NAME (default --run-name, else the latest run) from its checkpoint")
+    return p.parse_args(argv)
+
+
+def check(args):
+    positive = ["rank", "expand_every", "fisher_window", "epochs", "batch_size", "grad_accum", "resolution", "save_every", "val_steps"]
+    for name in positive + (["max_steps"] if args.max_steps is not None else []) + (["max_rank"] if args.max_rank is not None else []) \
+            + (["val_max"] if args.val_max is not None else []):
+        if getattr(args, name) < 1:
+            raise MinisdError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.resolution % 8:
+        raise MinisdError(f"--resolution must be a multiple of 8, got {args.resolution}")
+    if not 0.0 <= args.cfg_dropout <= 1.0:
+        raise MinisdError(f"--cfg-dropout is a probability, got {args.cfg_dropout}")
+    if args.lr <= 0 or args.alpha <= 0 or args.lam <= 0:
+        raise MinisdError("--lr, --alpha and --lambda must be positive")
+    if args.val_images < 0:
+        raise MinisdError(f"--val-images must be 0 or more, got {args.val_images}")
+
+
+def latest_run():
+    runs = [os.path.join(RUNS, d) for d in os.listdir(RUNS)] if os.path.isdir(RUNS) else []
+    runs = [r for r in runs if os.path.exists(os.path.join(r, "args.json"))]
+    if not runs:
+        raise MinisdError(f"--resume: no run found in {RUNS}/")
+    return os.path.basename(max(runs, key=os.path.getmtime))
+
+
+@main_guard
+def main(argv=None):
+    args = parse_args(argv)
+    if args.resume is not None:
+        name = args.resume or args.run_name or latest_run()
+        record = os.path.join(RUNS, name, "args.json")
+        if not os.path.exists(record):
+            raise MinisdError(f"--resume {name}: {record} not found")
+        with open(record) as f:
+            saved = json.load(f)
+        device = args.device
+        args = argparse.Namespace(**saved)
+        args.device = pick_device(device)
+        resume = True
+    else:
+        check(args)
+        if args.max_steps is None and args.model == "tiny":
+            args.max_steps = TINY_DEMO_STEPS
+        args.data_root = args.data_root or os.path.join("data", args.data)
+        args.run_name = args.run_name or f"{args.data}-{args.method}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+        args.device = pick_device(args.device)
+        resume = False
+    path = os.path.join(RUNS, args.run_name)
+    if not resume and os.path.exists(os.path.join(path, "checkpoint.pt")):
+        raise MinisdError(f"{path} already holds a run: continue it with --resume {args.run_name} or pick another --run-name")
+    record = {k: v for k, v in vars(args).items() if k != "resume"}
+    trainer = Trainer(argparse.Namespace(**record), path, resume)
+    if trainer.run.writer and not resume:
+        record["adapter"] = os.path.join(path, "adapter.safetensors")
+        trainer.run.save_json("args.json", record)
+    trainer.fit()
+
+
+if __name__ == "__main__":
+    main()
