@@ -4,8 +4,6 @@
     python bench/sample.py --config tiny --device cpu --size 64 --steps 5 --precisions fp32   # smoke run
 """
 import argparse
-import gzip
-import json
 import os
 import sys
 import tempfile
@@ -17,7 +15,6 @@ import minisd  # noqa: E402
 from minisd import checkpoint  # noqa: E402
 from minisd.cli import PRECISIONS  # noqa: E402
 from minisd.sampling import ddim_sample, initial_latents  # noqa: E402
-from minisd.tokenizer import default_bpe_path  # noqa: E402
 from common import environment, median_time, write_json  # noqa: E402
 
 PROMPT = "frontal chest x-ray, the heart is normal in size, no pleural effusion or pneumothorax"
@@ -25,22 +22,8 @@ PROMPT = "frontal chest x-ray, the heart is normal in size, no pleural effusion 
 
 def diffusers_pipeline(sd, folder, dtype, device):
     import diffusers
-    import transformers
     checkpoint.save_diffusers(sd, folder)
-    with gzip.open(default_bpe_path(), "rt", encoding="utf-8") as f:
-        merges = f.read().split("\n")[1:49152 - 256 - 2 + 1]
-    with open(os.path.join(folder, "vocab.json"), "w") as f:
-        json.dump(sd.tokenizer.encoder, f)
-    with open(os.path.join(folder, "merges.txt"), "w") as f:
-        f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
-    scheduler = diffusers.DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                                        set_alpha_to_one=False, steps_offset=1)
-    pipe = diffusers.StableDiffusionPipeline(
-        unet=diffusers.UNet2DConditionModel.from_pretrained(os.path.join(folder, "unet"), torch_dtype=dtype),
-        vae=diffusers.AutoencoderKL.from_pretrained(os.path.join(folder, "vae"), torch_dtype=dtype),
-        text_encoder=transformers.CLIPTextModel.from_pretrained(os.path.join(folder, "text_encoder"), torch_dtype=dtype),
-        tokenizer=transformers.CLIPTokenizer(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"), model_max_length=77),
-        scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(folder, torch_dtype=dtype, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
