@@ -18,7 +18,9 @@ from minisd.errors import MinisdError
 from minisd.training import Trainer
 
 RUNS = "runs"
-TINY_DEMO_STEPS = 120   # the tiny model's default: enough for three SeLoRA tests at --expand-every 40
+# The tiny model is the CPU demo: its defaults keep a run to a few minutes on a laptop while still
+# holding two SeLoRA tests at --expand-every 40 and no attention level at a single latent pixel.
+TINY_DEFAULTS = {"max_steps": 80, "resolution": 128, "val_max": 64}
 
 
 def parse_args(argv):
@@ -36,15 +38,16 @@ def parse_args(argv):
     p.add_argument("--convs", action="store_true", help="also adapt the U-Net's 1×1 proj_in/proj_out convolutions")
     p.add_argument("--freeze-text-encoder", action="store_true", help="adapt the U-Net only")
     p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--max-steps", type=int, help=f"stop after this many optimizer steps (tiny model: {TINY_DEMO_STEPS})")
+    p.add_argument("--max-steps", type=int, help=f"stop after this many optimizer steps (tiny model: {TINY_DEFAULTS['max_steps']})")
     p.add_argument("--batch-size", type=int, default=8, help="images per process per micro-batch")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (no weight decay)")
-    p.add_argument("--resolution", type=int, default=224)
+    p.add_argument("--resolution", type=int, help=f"image size in pixels (default 224; tiny model: {TINY_DEFAULTS['resolution']})")
     p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="autocast precision; adapters stay fp32")
     p.add_argument("--grad-checkpointing", action="store_true")
     p.add_argument("--cfg-dropout", type=float, default=0.1, help="probability of training on the empty prompt")
-    p.add_argument("--val-max", type=int, help="validation loss on the first N validation images (default all)")
+    p.add_argument("--val-max", type=int,
+                   help=f"validation loss on the first N validation images (default all; tiny model: {TINY_DEFAULTS['val_max']})")
     p.add_argument("--val-images", type=int, default=4, help="images in the sample grid at each validation")
     p.add_argument("--val-steps", type=int, default=25, help="DDIM steps of the validation samples")
     p.add_argument("--save-every", type=int, default=100, help="steps between checkpoints (also at each epoch end)")
@@ -95,9 +98,11 @@ def main(argv=None):
         args.device = pick_device(device)
         resume = True
     else:
+        for name, value in TINY_DEFAULTS.items():
+            if args.model == "tiny" and getattr(args, name) is None:
+                setattr(args, name, value)
+        args.resolution = args.resolution or 224
         check(args)
-        if args.max_steps is None and args.model == "tiny":
-            args.max_steps = TINY_DEMO_STEPS
         args.data_root = args.data_root or os.path.join("data", args.data)
         args.run_name = args.run_name or f"{args.data}-{args.method}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
         args.device = pick_device(args.device)
