@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 
 def pytest_addoption(parser):
@@ -6,6 +7,9 @@ def pytest_addoption(parser):
 
 
 def pytest_configure(config):
+    # The test tensors are small: with one thread, OpenMP workers never spin waiting on each other
+    # (which costs seconds per forward pass on a busy two-core machine).
+    torch.set_num_threads(1)
     config.addinivalue_line("markers", "slow: full-size or long checks, run with --runslow")
 
 

@@ -14,14 +14,6 @@ from helpers import random_model, rel_err
 peft = pytest.importorskip("peft")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are tiny: one thread avoids OpenMP threads waiting on each other on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def randomize(layers, seed=0, std=0.1):
     """Give every adapter a non-zero update, as after training."""

@@ -17,14 +17,6 @@ from minisd.errors import MinisdError
 from helpers import rel_err
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are tiny: one thread avoids OpenMP threads waiting on each other on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def make_layer(n_in, n_out, rank, dtype=torch.float64, seed=0, bias=True):
     g = torch.Generator().manual_seed(seed)
