@@ -65,8 +65,8 @@ def test_round_trip_reproduces_outputs(tiny, tmp_path, method):
     assert {name: layer.rank for name, layer in adapted_layers(fresh).items()} == meta["ranks"]
     assert not any(p.requires_grad for n, p in fresh.named_parameters() if not n.endswith(("lora_A", "lora_B")))
     for got, expected in zip(outputs(fresh), outputs(sd)):
-        if method == "adalora":  # the file drops masked triplets: a product over fewer terms
-            assert rel_err(got, expected) < 1e-6
+        if method == "adalora":  # the file holds Λ·Q as A and drops masked triplets: products round differently
+            assert rel_err(got, expected) < 1e-5
         else:
             assert torch.equal(got, expected)
 
