@@ -2,8 +2,9 @@
 
 `selora_ops(x)` gives an object with `forward` and `backward` of the reference's signatures when x is
 a CUDA tensor, the op builds (JIT at first use, cached on disk; an ahead-of-time `minisd._selora_cuda`
-is preferred) and MINISD_DISABLE_CUDA_OP is not "1". A build that fails warns once and the reference
-is used for the rest of the process.
+is preferred) and MINISD_DISABLE_CUDA_OP is not "1". A build that fails, or a built op that disagrees
+with the reference on a small random problem at first use, warns once and the reference is used for
+the rest of the process: a wrong kernel never trains silently.
 """
 import functools
 import importlib.util
@@ -44,11 +45,40 @@ def _is_cuda(x):
 @functools.cache
 def _fused_ops():
     try:
-        return FusedSeLoRAOps(_build())
-    except Exception as e:  # no toolkit, compile error, unsupported GPU: never fatal, the reference works
+        ops = FusedSeLoRAOps(_build())
+        _self_check(ops)
+        return ops
+    except Exception as e:  # no toolkit, compile error, unsupported GPU, wrong results: the reference works
         warnings.warn(f"fused SeLoRA CUDA op unavailable, using the PyTorch reference: {type(e).__name__}: {e}",
                       RuntimeWarning, stacklevel=3)
         return None
+
+
+def _self_check(ops, device=None, tolerance=1e-4):
+    """Forward, backward and Fisher terms of `ops` (on `device`, default the current GPU) against the
+    reference on a small fp32 problem."""
+    from .adapters.op import selora_backward, selora_forward
+    device = device or torch.device("cuda", torch.cuda.current_device())
+    g = torch.Generator().manual_seed(0)
+    n, t, d_in, d_out, r = 2, 5, 48, 40, 3
+    args = [torch.randn(n * t, d_in, generator=g), torch.randn(d_out, d_in, generator=g), torch.randn(d_out, generator=g),
+            torch.randn(r, d_in, generator=g), torch.randn(d_out, r, generator=g)]
+    grad_y, candidate = torch.randn(n * t, d_out, generator=g), torch.randn(d_in, generator=g)
+    results, tf32 = [], torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False   # a user's TF32 setting must not fail the check
+    try:
+        for impl_forward, impl_backward, where in ((selora_forward, selora_backward, "cpu"), (ops.forward, ops.backward, device)):
+            x, w, b, a, bb = (v.to(where) for v in args)
+            y, u = impl_forward(x, w, b, a, bb, 0.5)
+            back = impl_backward(grad_y.to(where), x, w, a, bb, u, 0.5, n, candidate.to(where), True)
+            results.append([y, u, *back])
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    names = ["y", "u", "grad_x", "grad_A", "grad_B", "fisher_A", "fisher_B", "fisher_new"]
+    for name, ref, got in zip(names, *results):
+        err = ((got.detach().double().cpu() - ref.double()).abs().max() / ref.double().abs().max().clamp_min(1e-30)).item()
+        if not err <= tolerance:
+            raise RuntimeError(f"its {name} differs from the PyTorch reference by {err:.2e} (relative) on a self-test")
 
 
 def _build():

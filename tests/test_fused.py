@@ -40,7 +40,44 @@ def fresh_dispatch(monkeypatch):
         return FakeExtension()
 
     monkeypatch.setattr(fused, "_build", build)
+    monkeypatch.setattr(fused, "_self_check", lambda ops: None)
     yield builds
+    fused._fused_ops.cache_clear()
+
+
+class ReferenceExtension:
+    """An extension computing exactly what the reference does (argument order of the compiled module)."""
+
+    def forward(self, *args):
+        return selora_forward(*args)
+
+    def backward(self, *args):
+        return selora_backward(*args)
+
+
+class WrongFisherExtension(ReferenceExtension):
+    def backward(self, *args):
+        grad_x, grad_A, grad_B, fisher_A, fisher_B, fisher_new = selora_backward(*args)
+        return grad_x, grad_A, grad_B, fisher_A, fisher_B * 1.01, fisher_new
+
+
+def test_self_check_accepts_a_correct_op():
+    fused._self_check(fused.FusedSeLoRAOps(ReferenceExtension()), torch.device("cpu"))
+
+
+def test_self_check_rejects_a_wrong_op():
+    with pytest.raises(RuntimeError, match="fisher_B differs from the PyTorch reference"):
+        fused._self_check(fused.FusedSeLoRAOps(WrongFisherExtension()), torch.device("cpu"))
+
+
+def test_op_failing_its_self_check_falls_back(monkeypatch):
+    fused._fused_ops.cache_clear()
+    monkeypatch.delenv("MINISD_DISABLE_CUDA_OP", raising=False)
+    monkeypatch.setattr(fused, "_is_cuda", lambda x: True)
+    monkeypatch.setattr(fused, "_build", WrongFisherExtension)
+    monkeypatch.setattr(fused, "_self_check", lambda ops, real=fused._self_check: real(ops, torch.device("cpu")))
+    with pytest.warns(RuntimeWarning, match="fisher_B differs"):
+        assert fused.selora_ops(torch.zeros(2, 3)) is None
     fused._fused_ops.cache_clear()
 
 
