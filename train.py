@@ -53,6 +53,7 @@ def parse_args(argv):
     p.add_argument("--save-every", type=int, default=100, help="steps between checkpoints (also at each epoch end)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
+    p.add_argument("--workers", type=int, help="data loading processes (default 4 on a GPU, 0 on the CPU)")
     p.add_argument("--run-name", help=f"folder under {RUNS}/ (default DATA-METHOD-TIME)")
     p.add_argument("--resume", nargs="?", const="", metavar="NAME",
                    help="continue runs/NAME (default --run-name, else the latest run) from its checkpoint")
@@ -71,8 +72,14 @@ def check(args):
         raise MinisdError(f"--cfg-dropout is a probability, got {args.cfg_dropout}")
     if args.lr <= 0 or args.alpha <= 0 or args.lam <= 0:
         raise MinisdError("--lr, --alpha and --lambda must be positive")
+    if args.workers is not None and args.workers < 0:
+        raise MinisdError(f"--workers must be 0 or more, got {args.workers}")
     if args.val_images < 0:
         raise MinisdError(f"--val-images must be 0 or more, got {args.val_images}")
+
+
+def default_workers(device):
+    return min(4, os.cpu_count() or 1) if device.startswith("cuda") else 0
 
 
 def latest_run():
@@ -93,9 +100,10 @@ def main(argv=None):
             raise MinisdError(f"--resume {name}: {record} not found")
         with open(record) as f:
             saved = json.load(f)
-        device = args.device
+        device, workers = args.device, args.workers
         args = argparse.Namespace(**saved)
         args.device = pick_device(device)
+        args.workers = default_workers(args.device) if workers is None else workers
         resume = True
     else:
         for name, value in TINY_DEFAULTS.items():
@@ -106,6 +114,7 @@ def main(argv=None):
         args.data_root = args.data_root or os.path.join("data", args.data)
         args.run_name = args.run_name or f"{args.data}-{args.method}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
         args.device = pick_device(args.device)
+        args.workers = default_workers(args.device) if args.workers is None else args.workers
         resume = False
     path = os.path.join(RUNS, args.run_name)
     if not resume and os.path.exists(os.path.join(path, "checkpoint.pt")):

@@ -92,6 +92,10 @@ def average_gradients(params, world):
         offset += g.numel()
 
 
+def as_list(items):
+    return items
+
+
 def trainable_state(sd):
     return {name: p.detach().cpu().clone() for name, p in sd.named_parameters() if p.requires_grad}
 
@@ -162,6 +166,14 @@ class Trainer:
         lo = self.rank * self.args.batch_size
         return {k: v[lo:lo + self.args.batch_size].to(self.device) for k, v in d.items()}
 
+    def batches(self):
+        """This process's micro-batches from the next step to the end, loaded ahead by `--workers`
+        processes; the order is fixed by batch_indices, so prefetching changes nothing."""
+        plan = [self.batch_indices(step, micro) for step in range(self.step + 1, self.total_steps + 1)
+                for micro in range(self.args.grad_accum)]
+        return iter(torch.utils.data.DataLoader(self.train_set, batch_sampler=plan, collate_fn=as_list,
+                                                num_workers=self.args.workers, pin_memory=self.device.startswith("cuda")))
+
     def autocast_ctx(self):
         device_type = "cuda" if self.device.startswith("cuda") else "cpu"
         return torch.autocast(device_type, dtype=self.autocast, enabled=self.autocast is not None)
@@ -178,7 +190,7 @@ class Trainer:
             eps = self.sd.unet(noisy, draws["t"], context)
         return F.mse_loss(eps.float(), draws["noise"])
 
-    def train_step(self):
+    def train_step(self, batches):
         step = self.step + 1
         if self.args.method == "selora":
             self.controller.begin_step(step)
@@ -187,7 +199,7 @@ class Trainer:
         latent_shape = (4, self.args.resolution // 8, self.args.resolution // 8)
         total = 0.0
         for micro in range(self.args.grad_accum):
-            items = [self.train_set[i] for i in self.batch_indices(step, micro)]
+            items = next(batches)
             loss = self.loss(items, self.draws(latent_shape))
             if self.args.method == "adalora":
                 loss = loss + self.controller.regularizer()
@@ -319,10 +331,10 @@ class Trainer:
                     ds.write_manifest(self.run.file(f"manifest_{split}.jsonl"))
         bar = tqdm(total=self.total_steps, initial=self.step, desc="training", unit="step", disable=not self.run.writer,
                    dynamic_ncols=True)
-        val_loss = None
+        val_loss, batches = None, self.batches()
         while self.step < self.total_steps:
             start = time.perf_counter()
-            loss, events = self.train_step()
+            loss, events = self.train_step(batches)
             rate = self.global_batch * a.grad_accum / (time.perf_counter() - start)
             self.rank_history.extend(events)
             self.run.log({"step": self.step, "loss": loss, "lr": self.optimizer.param_groups[0]["lr"],
