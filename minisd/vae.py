@@ -1,5 +1,4 @@
 """SD-1.5 AutoencoderKL with the CompVis module names (`encoder.down.i.block.j`, 1×1-conv attention)."""
-import torch
 import torch.nn as nn
 import torch.nn.functional as F
 

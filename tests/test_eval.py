@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from minisd import inception, metrics
+from minisd import evaluation, inception, metrics
 from minisd.inception import FIDInception
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -108,7 +108,7 @@ def test_folder_mode(ws, script, tmp_path, capsys):
     assert table in printed.out
     for row in ("| FID-64 |", "| FID-192 |", "| KID (192-d) |", "| CLIP score |", "| SSIM |", "| PSNR (dB) |"):
         assert row in table
-    assert f"| FID-64 | {script.fmt(report['fid']['64'])} |" in table
+    assert f"| FID-64 | {evaluation.fmt(report['fid']['64'])} |" in table
     assert Image.open(out / "grid.png").size == (6 * 130 + 2, 2 * 130 + 2)
 
 

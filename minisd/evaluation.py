@@ -1,0 +1,207 @@
+"""The evaluation protocol: metrics of generated images against real ones, from two folders or from a
+model generating one image per test prompt per seed, and the Markdown report."""
+import json
+import math
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import metrics
+from .cli import PRECISIONS
+from .errors import MinisdError
+from .images import grid, save_png
+from .inception import RESIZE_MODE, load_inception, sha256_file, weights_path
+from .model import load
+
+GRID_COLUMNS = 8
+
+
+class Evaluator:
+    """The networks, loaded once, and the metrics of one generated set against the real set."""
+
+    def __init__(self, args, device, with_clip):
+        path = weights_path(args.inception_weights)
+        self.weights = {"path": str(path), "sha256": sha256_file(path)}
+        self.inception = load_inception(path, device)
+        self.clip = metrics.load_clip(args.clip_weights, device) if with_clip else None
+        self.args, self.device = args, device
+        self.real_features = None
+
+    def __call__(self, real, fake, pairs=None, prompts=None):
+        """real, fake: lists of image files or tensors; pairs: [(real, fake)] for SSIM/PSNR; prompts per fake."""
+        a = self.args
+        if self.real_features is None:
+            self.real_features = metrics.cached_features(self.inception, real, self.weights["sha256"], RESIZE_MODE,
+                                                         a.dims, a.batch_size, self.device)
+        fake_features = metrics.inception_features(self.inception, fake, a.dims, a.batch_size, self.device,
+                                                   desc="inception (generated)")
+        result = {"images": {"real": len(real), "generated": len(fake)}}
+        result["fid"] = {str(d): v for d, v in metrics.fid(self.real_features, fake_features).items()}
+        kid_dim = max(a.dims)
+        subset = a.kid_subset_size or min(1000, len(real), len(fake))
+        mean, std = metrics.kid(self.real_features[kid_dim], fake_features[kid_dim], subset, a.kid_subsets)
+        result["kid"] = {"mean": mean, "std": std, "dims": kid_dim, "subset_size": subset, "subsets": a.kid_subsets}
+        result["clip_score"] = None
+        if prompts is not None:
+            clip = metrics.clip_score(fake, prompts, self.clip, a.batch_size, self.device)
+            result["clip_score"] = {"mean": clip["mean"], "std": clip["std"], "per_image": clip["scores"]}
+            result["truncated_prompts"] = clip["truncated"]
+        result["ssim"] = result["psnr"] = None
+        if pairs:
+            ssim = [metrics.ssim(r, f) for r, f in pairs]
+            psnr = [metrics.psnr(r, f) for r, f in pairs]
+            result["ssim"] = {"mean": float(np.mean(ssim)), "std": float(np.std(ssim)), "pairs": len(pairs)}
+            result["psnr"] = {"mean": float(np.mean(psnr)), "std": float(np.std(psnr)), "pairs": len(pairs)}
+        return result
+
+
+def read_prompts(path, n_images):
+    try:
+        prompts = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise MinisdError(f"--prompts {path}: cannot read ({e})") from None
+    if len(prompts) != n_images:
+        raise MinisdError(f"--prompts {path}: {len(prompts)} prompts for {n_images} generated images "
+                          f"(want one line per image, in sorted file order)")
+    return prompts
+
+
+def name_pairs(real_files, fake_files):
+    """(real, fake) files with the same name stem, if every fake has one; else None with a warning."""
+    by_stem = {f.stem: f for f in real_files}
+    pairs = [(by_stem[f.stem], f) for f in fake_files if f.stem in by_stem]
+    if len(pairs) < len(fake_files):
+        if pairs:
+            warnings.warn(f"SSIM/PSNR skipped: only {len(pairs)} of {len(fake_files)} generated files have a real "
+                          f"file of the same name")
+        return None
+    images = [(metrics.load_image(r), metrics.load_image(f)) for r, f in pairs]
+    for (r, f), (a, b) in zip(pairs, images):
+        if a.shape != b.shape:
+            warnings.warn(f"SSIM/PSNR skipped: {r} and {f} differ in size")
+            return None
+    return images
+
+
+def evaluate_folders(args, device):
+    real, fake = metrics.list_images(args.real), metrics.list_images(args.fake)
+    prompts = read_prompts(args.prompts, len(fake)) if args.prompts else None
+    evaluate = Evaluator(args, device, with_clip=prompts is not None)
+    result = evaluate(real, fake, name_pairs(real, fake), prompts)
+    if result["clip_score"]:
+        result["clip_score"]["per_image"] = dict(zip((f.name for f in fake), result["clip_score"]["per_image"]))
+    n = min(len(real), len(fake), GRID_COLUMNS)
+    rows = [[metrics.to_unit(x) for x in real[:n]], [metrics.to_unit(x) for x in fake[:n]]]
+    return {"mode": "folders", "real": str(args.real), "fake": str(args.fake), **result,
+            "inception_weights": evaluate.weights}, rows
+
+
+def latest_run(runs="runs"):
+    records = sorted(Path(runs).glob("*/args.json"), key=lambda p: p.stat().st_mtime)
+    if not records:
+        raise MinisdError(f"no run in {runs}/ to evaluate: pass --real DIR --fake DIR, or --data NAME "
+                          f"[--model M --adapter A], or train one with train.py")
+    record = records[-1]
+    try:
+        return record.parent, json.loads(record.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise MinisdError(f"{record}: cannot read ({e})") from None
+
+
+def evaluate_model(args, device):
+    from .data import load_dataset
+    from .sampling import ddim_sample
+    resolution = args.resolution or 224
+    data_root = args.data_root or os.path.join("data", args.data)
+    items = list(load_dataset(args.data, data_root, split=args.split, resolution=resolution, seed=args.data_seed))
+    if not items:
+        raise MinisdError(f"--data {args.data} --split {args.split}: no samples in {data_root}")
+    prompts = [item["prompt"] for item in items]
+    real = [((item["image"].float() + 1) / 2).clamp(0, 1) for item in items]
+    evaluate = Evaluator(args, device, with_clip=True)  # weights are checked before the long generation
+    sd = load(args.model, device=device, dtype=PRECISIONS[args.precision])
+    if args.adapter:
+        from .adapters import load_adapter
+        load_adapter(sd, args.adapter)
+    out, per_seed, generated = Path(args.out), {}, []
+    for seed in args.seeds:
+        noise_seed = seed * len(prompts)
+        images = ddim_sample(sd, prompts, steps=args.steps, guidance=args.guidance, height=resolution,
+                             width=resolution, seed=noise_seed, batch_size=args.sample_batch_size)
+        fake = [metrics.to_uint8(x) for x in images]  # evaluate what the PNGs hold
+        folder = out / f"seed{seed}"
+        folder.mkdir(parents=True, exist_ok=True)
+        manifest = []
+        for k, (item, image) in enumerate(zip(items, fake)):
+            name = f"{k:04d}-{str(item['id']).replace(os.sep, '_')}.png"
+            save_png(metrics.to_unit(image), folder / name)
+            manifest.append({"file": name, "id": item["id"], "prompt": item["prompt"], "noise_seed": noise_seed + k})
+        (folder / "prompts.json").write_text(json.dumps(manifest, indent=1))
+        per_seed[str(seed)] = evaluate(real, fake, list(zip(real, fake)), prompts)
+        generated.append(fake)
+    n = min(len(real), GRID_COLUMNS)
+    rows = [real[:n]] + [[metrics.to_unit(x) for x in fake[:n]] for fake in generated]
+    numbers = [scalars(r) for r in per_seed.values()]
+    summary = {}
+    for name in numbers[0]:
+        values = [x[name] for x in numbers]
+        summary[name] = {"mean": float(np.mean(values)), "std": float(np.std(values))}  # std with ddof=0
+    return {"mode": "model", "model": args.model, "adapter": args.adapter, "data": args.data, "data_root": data_root,
+            "split": args.split, "data_seed": args.data_seed, "resolution": resolution, "seeds": args.seeds,
+            "steps": args.steps, "guidance": args.guidance, "summary": summary, "per_seed": per_seed,
+            "truncated_prompts": next(iter(per_seed.values()))["truncated_prompts"],
+            "images": next(iter(per_seed.values()))["images"], "inception_weights": evaluate.weights}, rows
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+LABELS = {"clip_score": "CLIP score", "ssim": "SSIM", "psnr": "PSNR (dB)"}
+
+
+def scalars(result, key="mean"):
+    """The headline numbers (or with key="std" their spread) of one result, by table label."""
+    out = {f"FID-{d}": v for d, v in result["fid"].items()} if key == "mean" else {}
+    out[f"KID ({result['kid']['dims']}-d)"] = result["kid"][key]
+    out.update({label: result[k][key] for k, label in LABELS.items() if result[k]})
+    return out
+
+
+def fmt(x):
+    if x is None or not math.isfinite(x):
+        return str(x)
+    return f"{x:.1f}" if abs(x) >= 1000 else f"{x:.4g}"
+
+
+def markdown(report):
+    if report["mode"] == "folders":
+        lines = ["| metric | value |", "|---|---|"]
+        spread = scalars(report, "std")
+        for name, value in scalars(report).items():
+            lines.append(f"| {name} | {fmt(value)}" + (f" ± {fmt(spread[name])}" if name in spread else "") + " |")
+        lines.append(f"| images | {report['images']['real']} real, {report['images']['generated']} generated |")
+        lines.append("")
+        lines.append("± is the std over KID subsets, and over images for CLIP score, SSIM and PSNR.")
+    else:
+        seeds = list(report["per_seed"])
+        lines = [f"| metric | mean ± std over {len(seeds)} seeds | " + " | ".join(f"seed {s}" for s in seeds) + " |",
+                 "|---|---|" + "---|" * len(seeds)]
+        per_seed = [scalars(r) for r in report["per_seed"].values()]
+        for name, stat in report["summary"].items():
+            lines.append(f"| {name} | {fmt(stat['mean'])} ± {fmt(stat['std'])} | "
+                         + " | ".join(fmt(r[name]) for r in per_seed) + " |")
+        lines.append(f"| images | {report['images']['real']} real, {report['images']['generated']} per seed |")
+    lines += ["", f"Inception weights sha256 {report['inception_weights']['sha256'][:16]}…, resize: {RESIZE_MODE}."]
+    for w in report["warnings"]:
+        lines.append(f"- warning: {w}")
+    return "\n".join(lines) + "\n"
+
+
+def save_grid(rows, path, tile=128):
+    """Rows of images (real first, then each generated set) as one PNG of tile x tile cells."""
+    tiles = torch.cat([F.interpolate(x[None], size=(tile, tile), mode="bilinear", antialias=True, align_corners=False)
+                       for row in rows for x in row])
+    save_png(grid(tiles, columns=len(rows[0])), path)
