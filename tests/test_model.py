@@ -1,5 +1,4 @@
 """The model equals diffusers' and transformers' on the same weights, written in both checkpoint layouts."""
-import dataclasses
 
 import pytest
 import torch

@@ -88,7 +88,7 @@ def test_sample_reproduces_a_validation_image(demo, tmp_path):
 
 
 def test_kill_and_resume_ends_with_the_same_adapter(tmp_path):
-    straight = train(tmp_path, "--max-steps", "10", "--save-every", "3", "--run-name", "straight")
+    train(tmp_path, "--max-steps", "10", "--save-every", "3", "--run-name", "straight")
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), *FAST, "--max-steps", "10", "--save-every", "3", "--run-name", "killed"]
     proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
