@@ -151,3 +151,26 @@ def test_bad_input_is_one_line(tmp_path, args, expect):
     lines = [line for line in r.stderr.strip().splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and expect in lines[0], r.stderr[-2000:]
     assert "Traceback" not in r.stderr
+
+
+def test_non_finite_loss_stops_with_the_last_checkpoint_intact(tmp_path, monkeypatch, capsys):
+    import importlib.util
+    from minisd import training
+    spec = importlib.util.spec_from_file_location("train_script", os.path.join(ROOT, "train.py"))
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    finite = training.Trainer.loss
+
+    def loss(self, items, draws, with_grad=True):
+        value = finite(self, items, draws, with_grad)
+        return value * float("nan") if with_grad and self.step == 2 else value
+
+    monkeypatch.setattr(training.Trainer, "loss", loss)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as stop:
+        script.main([*FAST, "--max-steps", "6", "--save-every", "2", "--val-images", "0", "--run-name", "nan"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: non-finite loss at step 3" in err and "checkpoint.pt" in err
+    state = torch.load(tmp_path / "runs" / "nan" / "checkpoint.pt", weights_only=True)
+    assert state["step"] == 2 and all(torch.isfinite(v).all() for v in state["trainable"].values())
