@@ -129,3 +129,14 @@ def test_sd15_module_names_are_the_original_checkpoints():
         assert key in vae, key
     assert vae["encoder.mid.attn_1.q.weight"].shape == (512, 512, 1, 1)
     assert "text_model.encoder.layers.11.mlp.fc2.weight" in text and "text_model.final_layer_norm.weight" in text
+
+
+def test_sd15_architecture_is_read_off_an_original_file():
+    """The shapes of a full-size original single file (meta tensors: no memory) give back the sd15 config."""
+    with torch.device("meta"):
+        sd = minisd.StableDiffusion(CONFIGS["sd15"])
+    tensors = {checkpoint.PREFIXES[part] + k: v for part, m in sd.parts().items() for k, v in m.state_dict().items()}
+    tensors["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.zeros(1, 77, dtype=torch.long)
+    tensors["alphas_cumprod"] = torch.zeros(1000)
+    parts = checkpoint.split_single_file(tensors, "v1-5-pruned-emaonly.safetensors")
+    assert checkpoint.infer_config(parts) == CONFIGS["sd15"]
