@@ -61,6 +61,9 @@ def read_tensors(path):
 
 
 def atomic_save(tensors, path, metadata=None):
+    """Write a .safetensors file through a temporary file and a rename, making its folder if needed."""
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
     save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
     os.replace(tmp, path)

@@ -84,7 +84,7 @@ def export_kohya(adapter_path, out):
         tensors[f"{key}.lora_up.weight"] = as_conv(B * (A.shape[0] / common), is_conv)
         tensors[f"{key}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
     dim = str(common) if len(set(ranks)) == 1 else "Dynamic"   # what kohya's resize_lora.py writes for per-layer ranks
-    write(tensors, out, {"ss_network_module": "networks.lora", "ss_network_dim": dim, "ss_network_alpha": str(alpha),
+    atomic_save(tensors, out, {"ss_network_module": "networks.lora", "ss_network_dim": dim, "ss_network_alpha": str(alpha),
                          "minisd_method": meta["method"]})
     return out
 
@@ -113,15 +113,9 @@ def export_diffusers(adapter_path, out):
             config[f"{part}.{key}"] = value
     out = os.fspath(out)
     path = out if out.endswith(".safetensors") else os.path.join(out, DIFFUSERS_WEIGHT_NAME)
-    write(tensors, path, {"format": "pt", "lora_adapter_metadata": json.dumps(config, sort_keys=True),
+    atomic_save(tensors, path, {"format": "pt", "lora_adapter_metadata": json.dumps(config, sort_keys=True),
                           "minisd_method": meta["method"]})
     return path
-
-
-def write(tensors, path, metadata):
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    atomic_save({k: v.contiguous() for k, v in tensors.items()}, path, metadata)
 
 
 def fold(sd, adapter_path, out, dtype=None):

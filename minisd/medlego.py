@@ -6,14 +6,11 @@ core: ΔW = Q_B (R_B R_Aᵀ) Q_Aᵀ, and the SVD of the core, R_B R_Aᵀ = U_c �
 U = Q_B U_c, V = Q_A V_c. The dense ΔW of a layer is never formed. Keep the smallest k whose σ² reach the
 energy fraction v of Σσ² (or a fixed k) and write B = U_k √Σ_k, A = √Σ_k V_kᵀ with scale 1.
 """
-import json
-import os
 import warnings
 
 import torch
 
-from .adapters.io import FORMAT, FORMAT_VERSION
-from .checkpoint import atomic_save
+from .adapters.io import write_adapter
 from .errors import MinisdError
 from .export import read_pairs
 
@@ -94,11 +91,7 @@ def merge_adapters(paths, out, weights=None, energy=None, rank=None):
                           for path, (_, meta) in zip(paths, sources)],
               "weights": weights, "energy": energy, "rank": rank,
               "kept_energy": {name: info["kept_energy"] for name, info in layers.items()}}
-    metadata = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "method": "lora", "alpha": "1.0",
-                "scale": "1.0", "ranks": json.dumps(ranks), "fingerprint": sources[0][1]["fingerprint"],
-                "args": "{}", "rank_history": "[]", "merge": json.dumps(record)}
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    atomic_save(tensors, str(out), metadata)
+    write_adapter(out, tensors, "lora", 1.0, 1.0, ranks, sources[0][1]["fingerprint"], merge=record)
     return {"out": str(out), "sources": paths, "weights": weights, "energy": energy, "rank": rank, "layers": layers,
             "kept_energy": kept_total / energy_total, "total_rank": sum(ranks.values())}
 

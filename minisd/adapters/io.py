@@ -13,9 +13,8 @@ import warnings
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
-from ..checkpoint import PREFIXES
+from ..checkpoint import PREFIXES, atomic_save
 from ..errors import MinisdError
 from .inject import METHODS, PARTS, adaptable, adapted_layers, freeze, replace_module
 from .lora import AdapterLayer, LoRALinear
@@ -57,17 +56,20 @@ def save_adapter(path, sd, method, alpha, args=None, rank_history=None):
         tensors[f"{name}.lora_B"] = B.detach().cpu().contiguous()
     if len(scales) != 1:
         raise ValueError(f"adapters with different scales {sorted(scales)} cannot share one file")
+    write_adapter(path, tensors, method, alpha, scales.pop(), ranks, fingerprint(sd), args, rank_history)
+
+
+def write_adapter(path, tensors, method, alpha, scale, ranks, base_fingerprint, args=None, rank_history=None, **extra):
+    """The file itself: `<layer>.lora_A/B` tensors and the metadata every reader expects (plus `extra`
+    JSON fields), written atomically."""
     metadata = {
         "format": FORMAT, "format_version": str(FORMAT_VERSION), "method": method,
-        "alpha": json.dumps(alpha), "scale": json.dumps(scales.pop()), "ranks": json.dumps(ranks),
-        "fingerprint": fingerprint(sd), "args": json.dumps(args or {}, default=str),
+        "alpha": json.dumps(alpha), "scale": json.dumps(scale), "ranks": json.dumps(ranks),
+        "fingerprint": base_fingerprint, "args": json.dumps(args or {}, default=str),
         "rank_history": json.dumps(rank_history or []),
+        **{key: json.dumps(value) for key, value in extra.items()},
     }
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    save_file(tensors, tmp, metadata=metadata)
-    os.replace(tmp, path)
+    atomic_save(tensors, path, metadata)
 
 
 def read_adapter(path):
