@@ -1,4 +1,7 @@
 """Small shared pieces of the tests."""
+import importlib.util
+import os
+
 import torch
 
 import minisd
@@ -17,3 +20,15 @@ def random_model(config="tiny", seed=0):
         if p.dim() == 1:
             p.data += 0.1 * torch.randn(p.shape, generator=g)
     return sd
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_script(path):
+    """A file (path relative to the repository) imported as a fresh module, e.g. a top-level script."""
+    name = os.path.splitext(os.path.basename(path))[0] + "_under_test"
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, path))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -1,6 +1,5 @@
 """eval.py: folder mode end to end with random weights, run resolution, and its errors."""
 import hashlib
-import importlib.util
 import json
 import os
 import re
@@ -15,6 +14,7 @@ from PIL import Image
 
 from minisd import evaluation, inception, metrics
 from minisd.inception import FIDInception
+from helpers import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_CLIP = {
@@ -22,13 +22,6 @@ TINY_CLIP = {
     "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "head_width": 32, "patch_size": 16},
     "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
 }
-
-
-def load_eval_script():
-    spec = importlib.util.spec_from_file_location("eval_script", ROOT / "eval.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def write_images(folder, names, size, seed, shift=0.0):
@@ -66,7 +59,7 @@ def ws(tmp_path_factory):
 def script(ws, monkeypatch, tmp_path):
     monkeypatch.setenv("MINISD_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(metrics, "CLIP_MODEL", "tiny-eval-quickgelu")
-    return load_eval_script()
+    return load_script("eval.py")
 
 
 def folder_args(ws, out, *extra):

@@ -1,7 +1,6 @@
 """Adapters in other tools: kohya and diffusers files read by diffusers' own loaders, a folded checkpoint read by
 minisd and by diffusers' from_single_file, and adapter.py's export / fold / info."""
 import copy
-import importlib.util
 import json
 import os
 import subprocess
@@ -17,9 +16,8 @@ from minisd import checkpoint
 from minisd.adapters import adapted_layers, inject, save_adapter
 from minisd.errors import MinisdError
 from minisd.export import export_diffusers, export_kohya, fold
-from helpers import random_model, rel_err
+from helpers import ROOT, load_script, random_model, rel_err
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCALE = 2.0
 
 
@@ -242,10 +240,7 @@ def test_fold_rejects_an_adapter_that_does_not_fit(adapted, base, tmp_path):
 
 @pytest.fixture(scope="module")
 def cli():
-    spec = importlib.util.spec_from_file_location("adapter_cli", os.path.join(ROOT, "adapter.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+    return load_script("adapter.py").main
 
 
 def test_cli_export_fold_info(adapted, base, cli, tmp_path, capsys):

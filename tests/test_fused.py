@@ -13,6 +13,7 @@ import torch
 
 from minisd import fused
 from minisd.adapters.op import selora_backward, selora_forward
+from helpers import load_script
 
 REPO = Path(__file__).resolve().parent.parent
 BUILD_SCRIPT = REPO / "kernels" / "build.py"
@@ -136,16 +137,8 @@ def test_fused_ops_keep_the_reference_signatures(fresh_dispatch):
     assert ops.backward(1, 2, 3, 4, 5, 6, 2, 4.0, None, 1) == ("backward", 1, 2, 3, 4, 5, 6, 2.0, 4, None, True)
 
 
-def load_build_script():
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("minisd_kernels_build_test", BUILD_SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_cache_folder_follows_sources_and_setting(tmp_path, monkeypatch):
-    build = load_build_script()
+    build = load_script("kernels/build.py")
     source = tmp_path / "op.cu"
     source.write_text("a")
     monkeypatch.setattr(build, "SOURCES", [source])
@@ -169,7 +162,7 @@ def test_build_check_without_toolkit_names_the_problem(tmp_path):
 def test_toolkit_is_found_through_the_nvcc_on_path(monkeypatch):
     monkeypatch.delenv("CUDA_HOME", raising=False)
     monkeypatch.delenv("CUDA_PATH", raising=False)
-    home = Path(load_build_script().cuda_home())
+    home = Path(load_script("kernels/build.py").cuda_home())
     assert (home / "bin" / "nvcc").exists() and (home / "include" / "cuda_runtime.h").exists()
 
 
@@ -182,7 +175,7 @@ def test_build_check_reports_the_compiler_message(tmp_path, monkeypatch, capsys)
     import torch.utils.cpp_extension as cpp_extension
     monkeypatch.delenv("CUDA_HOME", raising=False)  # the build sets both; undo that afterwards
     monkeypatch.setattr(cpp_extension, "CUDA_HOME", cpp_extension.CUDA_HOME)
-    build = load_build_script()
+    build = load_script("kernels/build.py")
     broken = tmp_path / "broken.cu"
     broken.write_text("int f() { return undefined_name; }\n")
     monkeypatch.setattr(build, "SOURCES", [broken])
@@ -196,7 +189,7 @@ def test_setup_extension_builds_the_package_module(monkeypatch):
     monkeypatch.delenv("CUDA_HOME", raising=False)
     monkeypatch.setattr(cpp_extension, "CUDA_HOME", cpp_extension.CUDA_HOME)
     monkeypatch.chdir(REPO)  # setup.py runs from the repository root
-    (extension,) = load_build_script().cuda_extensions()
+    (extension,) = load_script("kernels/build.py").cuda_extensions()
     assert extension.name == "minisd._selora_cuda"
     assert all(Path(source).exists() and not Path(source).is_absolute() for source in extension.sources)
     assert "-gencode=arch=compute_90,code=sm_90" in extension.extra_compile_args["nvcc"]

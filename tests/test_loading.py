@@ -11,9 +11,8 @@ from safetensors.torch import load_file, save_file
 import minisd
 from minisd import checkpoint
 from minisd.errors import MinisdError
-from helpers import random_model
+from helpers import ROOT, random_model
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")

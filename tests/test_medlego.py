@@ -1,6 +1,5 @@
 """Med-LEGO merge against the dense truncated SVD of the weighted sum of the adapters' updates."""
 import copy
-import importlib.util
 import os
 
 import pytest
@@ -11,9 +10,8 @@ from safetensors.torch import load_file, save_file
 from minisd.adapters import adapted_layers, inject, load_adapter, read_adapter, save_adapter
 from minisd.errors import MinisdError
 from minisd.medlego import merge_adapters
-from helpers import random_model, rel_err
+from helpers import load_script, random_model, rel_err
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 
@@ -154,10 +152,7 @@ def test_layers_of_different_shapes_are_named(sources, tmp_path):
 
 @pytest.fixture(scope="module")
 def cli():
-    spec = importlib.util.spec_from_file_location("adapter_cli", os.path.join(ROOT, "adapter.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+    return load_script("adapter.py").main
 
 
 def test_cli_merge(sources, cli, tmp_path, capsys):

@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT, load_script
+
 # Small but not degenerate: 128 px keeps every attention level above one latent pixel (with a single
 # token, q/k gradients vanish and their Fisher terms would be rounding noise).
 FAST = ["--model", "tiny", "--data", "phantom", "--resolution", "128", "--batch-size", "2", "--expand-every", "2",
@@ -154,11 +155,8 @@ def test_bad_input_is_one_line(tmp_path, args, expect):
 
 
 def test_non_finite_loss_stops_with_the_last_checkpoint_intact(tmp_path, monkeypatch, capsys):
-    import importlib.util
     from minisd import training
-    spec = importlib.util.spec_from_file_location("train_script", os.path.join(ROOT, "train.py"))
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("train.py")
     finite = training.Trainer.loss
 
     def loss(self, items, draws, with_grad=True):
