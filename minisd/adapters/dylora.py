@@ -8,10 +8,8 @@ Choices where the paper leaves room:
   rank b). Rows beyond b get zero gradient for that step.
 - eval uses `active_rank` (default r_max, the full adapter; files and merges store all r_max ranks).
 """
-import math
 
 import torch
-from torch import nn
 
 from .lora import AdapterLayer, lora_rows
 
@@ -21,10 +19,7 @@ class DyLoRALinear(AdapterLayer):
         super().__init__(base)
         self.max_rank, self.alpha = rank, alpha
         self.active_rank = rank
-        self.lora_A = self.new_param(rank, self.in_features)
-        self.lora_B = self.new_param(self.out_features, rank)
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B)
+        self.init_lora(rank)
 
     @property
     def rank(self):

@@ -34,6 +34,13 @@ class AdapterLayer(nn.Module):
         dtype = torch.float64 if self.weight.dtype == torch.float64 else torch.float32
         return nn.Parameter(torch.empty(*shape, device=self.weight.device, dtype=dtype))
 
+    def init_lora(self, rank):
+        """lora_A [rank, in] Kaiming-uniform (a=√5, as peft) and lora_B [out, rank] zeros: no change at start."""
+        self.lora_A = self.new_param(rank, self.in_features)
+        self.lora_B = self.new_param(self.out_features, rank)
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B)
+
     def forward(self, x):
         n_samples = x.shape[0] if x.dim() > 1 else 1
         if self.is_conv:  # [N, C, H, W] -> rows [N·H·W, C], sample-major
@@ -88,10 +95,7 @@ class LoRALinear(AdapterLayer):
     def __init__(self, base, rank=4, alpha=1.0):
         super().__init__(base)
         self.scale = alpha / rank if rank > 0 else 0.0
-        self.lora_A = self.new_param(rank, self.in_features)
-        self.lora_B = self.new_param(self.out_features, rank)
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B)
+        self.init_lora(rank)
 
     @property
     def rank(self):

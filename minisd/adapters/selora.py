@@ -10,7 +10,6 @@ import math
 from types import SimpleNamespace
 
 import torch
-from torch import nn
 
 from ..errors import MinisdError
 from . import op
@@ -97,10 +96,7 @@ class SeLoRALinear(AdapterLayer):
         super().__init__(base)
         self.scale = alpha  # alpha / r_init with r_init = 1; constant as the rank grows
         self.max_rank = min(self.in_features, self.out_features)
-        self.lora_A = self.new_param(1, self.in_features)
-        self.lora_B = self.new_param(self.out_features, 1)
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B)
+        self.init_lora(1)
         self.track_fisher = False
         self.reset_fisher()
 
