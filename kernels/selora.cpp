@@ -54,11 +54,28 @@ at::Tensor operand(const char* op, const char* name, const at::Tensor& t, const 
   return t.to(x.scalar_type()).contiguous();
 }
 
-at::Tensor checked_x(const char* op, const at::Tensor& x) {
-  TORCH_CHECK(x.dim() == 2 && x.size(0) > 0, op, ": x must be [M, in] with M > 0, got shape ", x.sizes());
-  TORCH_CHECK(x.is_cuda(), op, ": x must be a CUDA tensor, got one on ", x.device());
-  TORCH_CHECK(x.is_floating_point(), op, ": x must be a floating-point tensor, got ", x.scalar_type());
-  return x.contiguous();
+// x, W, A, B checked against each other and made contiguous in x's dtype, with the sizes they fix.
+struct Operands {
+  at::Tensor x, weight, lora_A, lora_B;
+  int64_t M, in, out, r;
+};
+
+Operands checked_operands(const char* op, const at::Tensor& x_in, const at::Tensor& weight_in,
+                          const at::Tensor& lora_A_in, const at::Tensor& lora_B_in) {
+  TORCH_CHECK(x_in.dim() == 2 && x_in.size(0) > 0, op, ": x must be [M, in] with M > 0, got shape ", x_in.sizes());
+  TORCH_CHECK(x_in.is_cuda(), op, ": x must be a CUDA tensor, got one on ", x_in.device());
+  TORCH_CHECK(x_in.is_floating_point(), op, ": x must be a floating-point tensor, got ", x_in.scalar_type());
+  Operands o;
+  o.x = x_in.contiguous();
+  o.M = o.x.size(0);
+  o.in = o.x.size(1);
+  o.weight = operand(op, "weight", weight_in, {-1, o.in}, o.x);
+  o.lora_A = operand(op, "lora_A", lora_A_in, {-1, o.in}, o.x);
+  o.out = o.weight.size(0);
+  o.r = o.lora_A.size(0);
+  TORCH_CHECK(o.r >= 1, op, ": lora_A must have at least one row (rank >= 1)");
+  o.lora_B = operand(op, "lora_B", lora_B_in, {o.out, o.r}, o.x);
+  return o;
 }
 
 // out = x wᵀ (+ bias, fused into the GEMM's epilogue by cuBLASLt where it can).
@@ -72,14 +89,8 @@ std::tuple<at::Tensor, at::Tensor> selora_forward(const at::Tensor& x_in, const 
                                                   const at::Tensor& lora_A_in, const at::Tensor& lora_B_in,
                                                   double scale) {
   const char* op = "selora_forward";
-  const at::Tensor x = checked_x(op, x_in);
+  const auto [x, weight, lora_A, lora_B, M, in, out, r] = checked_operands(op, x_in, weight_in, lora_A_in, lora_B_in);
   const c10::cuda::CUDAGuard guard(x.device());
-  const int64_t M = x.size(0), in = x.size(1);
-  const at::Tensor weight = operand(op, "weight", weight_in, {-1, in}, x);
-  const at::Tensor lora_A = operand(op, "lora_A", lora_A_in, {-1, in}, x);
-  const int64_t out = weight.size(0), r = lora_A.size(0);
-  TORCH_CHECK(r >= 1, op, ": lora_A must have at least one row (rank >= 1)");
-  const at::Tensor lora_B = operand(op, "lora_B", lora_B_in, {out, r}, x);
   c10::optional<at::Tensor> bias;
   if (bias_in.has_value()) bias = operand(op, "bias", *bias_in, {out}, x);
 
@@ -100,14 +111,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& lora_B_in, const at::Tensor& u_in, double scale, int64_t n_samples,
     const c10::optional<at::Tensor>& candidate_in, bool need_grad_x) {
   const char* op = "selora_backward";
-  const at::Tensor x = checked_x(op, x_in);
+  const auto [x, weight, lora_A, lora_B, M, in, out, r] = checked_operands(op, x_in, weight_in, lora_A_in, lora_B_in);
   const c10::cuda::CUDAGuard guard(x.device());
-  const int64_t M = x.size(0), in = x.size(1);
-  const at::Tensor weight = operand(op, "weight", weight_in, {-1, in}, x);
-  const at::Tensor lora_A = operand(op, "lora_A", lora_A_in, {-1, in}, x);
-  const int64_t out = weight.size(0), r = lora_A.size(0);
-  TORCH_CHECK(r >= 1, op, ": lora_A must have at least one row (rank >= 1)");
-  const at::Tensor lora_B = operand(op, "lora_B", lora_B_in, {out, r}, x);
   const at::Tensor grad_y = operand(op, "grad_y", grad_y_in, {M, out}, x);
   const at::Tensor u = operand(op, "u", u_in, {M, r}, x);
   TORCH_CHECK(n_samples >= 1 && M % n_samples == 0, op, ": n_samples = ", n_samples, " does not divide the ", M,

@@ -13,6 +13,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAStream.h>
 
 namespace {
@@ -110,12 +111,10 @@ __global__ void __launch_bounds__(kThreads) sum_samples_kernel(
   }
 }
 
-int multiprocessors(int device) {
-  static int count[64] = {};
-  TORCH_CHECK(device >= 0 && device < 64, "selora: unsupported CUDA device index ", device);
-  if (count[device] == 0)
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&count[device], cudaDevAttrMultiProcessorCount, device));
-  return count[device];
+int multiprocessors() {  // of the current device, which the caller has set to the inputs'
+  int count = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, c10::cuda::current_device()));
+  return count;
 }
 
 int ceil_div(int64_t a, int64_t b) { return static_cast<int>((a + b - 1) / b); }
@@ -158,7 +157,7 @@ void per_sample_grad_fisher(const at::Tensor& P, const at::Tensor& Q, const c10:
 
   // Split each sample's tokens into runs only as far as needed to give every multiprocessor ~4 blocks.
   const int64_t blocks = static_cast<int64_t>(tiles) * samples * slices;
-  const int64_t wanted = 4 * multiprocessors(P.get_device());
+  const int64_t wanted = 4 * multiprocessors();
   int64_t runs = std::min<int64_t>({(wanted + blocks - 1) / blocks, ceil_div(T, kMinRun),
                                     std::max<int64_t>(1, kMaxPartials / samples)});
   runs = std::max<int64_t>(runs, 1);
