@@ -1,5 +1,7 @@
 """The fused SeLoRA CUDA op: dispatch and fallback (CPU), the GPU-free build check (slow), and parity
-with the PyTorch reference on every SD-1.5 shape class (GPU)."""
+with the PyTorch reference: on every SD-1.5 shape class on a GPU, and on small shapes of each class with
+the kernels emulated on the CPU."""
+import copy
 import inspect
 import os
 import shutil
@@ -7,12 +9,16 @@ import subprocess
 import sys
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn as nn
 
 from minisd import fused
+from minisd.adapters import SeLoRALinear, selora
 from minisd.adapters.op import selora_backward, selora_forward
+import emulated_op
 from helpers import load_script
 
 REPO = Path(__file__).resolve().parent.parent
@@ -202,7 +208,7 @@ def test_kernels_compile_without_a_gpu():
     assert done.returncode == 0, done.stderr[-4000:]
 
 
-# ----------------------------------------------------------------------------------------------- GPU
+# ------------------------------------------------------------------------------------------ parity
 
 # (samples, tokens per sample, in, out, bias): every token count SD-1.5 produces at 512 and 224 px
 # (text 77, latents 64², 32², 28², 16², 8², 7², time embeddings 1) over its layer widths, and each
@@ -217,8 +223,25 @@ SHAPES = [
     (3, 49, 1280, 1280, False),
     (8, 1, 320, 1280, True),
 ]
+# The same classes at sizes the CPU emulation runs in seconds, with widths that are not multiples of the
+# kernel's 64-column tile and (last) of one warp, and a multiprocessor count for each that makes the
+# Fisher kernel split samples' tokens into several runs or keep one run per sample.
+EMULATED_SHAPES = [
+    ((4, 77, 160, 96, False), 132),
+    ((2, 300, 72, 200, True), 8),
+    ((2, 150, 160, 40, True), 132),
+    ((3, 40, 96, 130, False), 1),
+    ((8, 1, 64, 136, True), 132),
+    ((2, 33, 20, 24, True), 2),
+]
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 FISHER_TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 2e-2}
+DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+NAMES = ("y", "u", "grad_x", "grad_A", "grad_B", "fisher_A", "fisher_B", "fisher_new")
+
+
+def shape_id(shape):
+    return "N{}xT{}_{}to{}{}".format(*shape[:4], "_bias" * shape[4])
 
 
 def rel_err(a, b):
@@ -242,9 +265,19 @@ def cuda_ops():
     ops.extension.set_poison(False)
 
 
-def random_case(samples, tokens, d_in, d_out, bias, rank, dtype, seed=0):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    rand = lambda *shape, std=1.0: (std * torch.randn(*shape, generator=g, device="cuda")).to(dtype)
+@pytest.fixture(scope="module")
+def emulated_ops(tmp_path_factory):
+    """The op's own sources, kernels included, built for the CPU (tests/emulated_cuda.h)."""
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        pytest.skip("needs a C++ compiler")
+    extension = emulated_op.build(tmp_path_factory.mktemp("emulated_op"))
+    extension.set_poison(True)
+    return fused.FusedSeLoRAOps(extension)
+
+
+def random_case(samples, tokens, d_in, d_out, bias, rank, dtype, device="cuda", seed=0):
+    g = torch.Generator(device=device).manual_seed(seed)
+    rand = lambda *shape, std=1.0: (std * torch.randn(*shape, generator=g, device=device)).to(dtype)
     M = samples * tokens
     return dict(x=rand(M, d_in), weight=rand(d_out, d_in, std=d_in ** -0.5),
                 bias=rand(d_out, std=0.1) if bias else None, lora_A=rand(rank, d_in, std=d_in ** -0.5),
@@ -260,18 +293,11 @@ def run(forward, backward, case, candidate, need_grad_x):
     return (y, u) + tuple(grads)
 
 
-NAMES = ("y", "u", "grad_x", "grad_A", "grad_B", "fisher_A", "fisher_B", "fisher_new")
-
-
-@needs_cuda
-@pytest.mark.parametrize("rank", [1, 4, 17, 64])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "N{}xT{}_{}to{}{}".format(*s[:4], "_bias" * s[4]))
-def test_fused_matches_reference(cuda_ops, shape, dtype, rank):
-    case = random_case(*shape, rank, dtype)
-    exact = {k: v.double() if torch.is_tensor(v) else v for k, v in case.items()}  # the reference in fp64
+def assert_matches_reference(ops, case, dtype):
+    """Every output of `ops`, with and without a candidate, against the reference computed in fp64."""
+    exact = {k: v.double() if torch.is_tensor(v) else v for k, v in case.items()}
     for candidate, need_grad_x in ((True, True), (False, False)):
-        got = run(cuda_ops.forward, cuda_ops.backward, case, candidate, need_grad_x)
+        got = run(ops.forward, ops.backward, case, candidate, need_grad_x)
         want = run(selora_forward, selora_backward, exact, candidate, need_grad_x)
         for name, a, b in zip(NAMES, got, want):
             if b is None:
@@ -285,6 +311,23 @@ def test_fused_matches_reference(cuda_ops, shape, dtype, rank):
 
 
 @needs_cuda
+@pytest.mark.parametrize("rank", [1, 4, 17, 64])
+@DTYPES
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+def test_fused_matches_reference(cuda_ops, shape, dtype, rank):
+    assert_matches_reference(cuda_ops, random_case(*shape, rank, dtype), dtype)
+
+
+@pytest.mark.parametrize("rank", [1, 4, 17, 64, 80])
+@DTYPES
+@pytest.mark.parametrize("shape, multiprocessors", EMULATED_SHAPES, ids=lambda s: shape_id(s) if isinstance(s, tuple) else f"{s}sm")
+def test_emulated_kernels_match_reference(emulated_ops, monkeypatch, shape, multiprocessors, dtype, rank):
+    """The CUDA sources run on the CPU: tiling, indexing and the two-stage Fisher reduction as the GPU runs them."""
+    monkeypatch.setenv("MINISD_EMULATED_SMS", str(multiprocessors))
+    assert_matches_reference(emulated_ops, random_case(*shape, rank, dtype, device="cpu"), dtype)
+
+
+@needs_cuda
 def test_fused_backward_is_deterministic(cuda_ops):
     case = random_case(8, 1024, 320, 640, True, 4, torch.bfloat16)
     first = run(cuda_ops.forward, cuda_ops.backward, case, True, True)
@@ -293,22 +336,63 @@ def test_fused_backward_is_deterministic(cuda_ops):
         assert torch.equal(a, b), name
 
 
-@needs_cuda
-def test_non_contiguous_inputs_give_the_same_result(cuda_ops):
-    case = random_case(2, 77, 768, 320, True, 4, torch.float32)
+def check_non_contiguous_inputs(ops, device):
+    case = random_case(2, 77, 768, 320, True, 4, torch.float32, device)
     strided = dict(case, x=case["x"].t().contiguous().t(), weight=case["weight"].t().contiguous().t(),
                    grad_y=case["grad_y"].t().contiguous().t())
     assert not strided["x"].is_contiguous()
-    for name, a, b in zip(NAMES, run(cuda_ops.forward, cuda_ops.backward, strided, True, True),
-                          run(cuda_ops.forward, cuda_ops.backward, case, True, True)):
+    for name, a, b in zip(NAMES, run(ops.forward, ops.backward, strided, True, True),
+                          run(ops.forward, ops.backward, case, True, True)):
         assert torch.equal(a, b), name
 
 
-@needs_cuda
-def test_bad_shapes_are_named(cuda_ops):
-    c = random_case(2, 8, 64, 32, True, 4, torch.float32)
+def check_bad_shapes_are_named(ops, device):
+    c = random_case(2, 8, 64, 32, True, 4, torch.float32, device)
     with pytest.raises(RuntimeError, match=r"lora_B must have shape \[32, 4\], got \[32, 5\]"):
-        cuda_ops.forward(c["x"], c["weight"], c["bias"], c["lora_A"], c["lora_B"].new_zeros(32, 5), 1.0)
-    y, u = cuda_ops.forward(c["x"], c["weight"], c["bias"], c["lora_A"], c["lora_B"], 1.0)
+        ops.forward(c["x"], c["weight"], c["bias"], c["lora_A"], c["lora_B"].new_zeros(32, 5), 1.0)
+    y, u = ops.forward(c["x"], c["weight"], c["bias"], c["lora_A"], c["lora_B"], 1.0)
     with pytest.raises(RuntimeError, match="n_samples = 3 does not divide the 16 rows of x"):
-        cuda_ops.backward(c["grad_y"], c["x"], c["weight"], c["lora_A"], c["lora_B"], u, 1.0, 3, None, True)
+        ops.backward(c["grad_y"], c["x"], c["weight"], c["lora_A"], c["lora_B"], u, 1.0, 3, None, True)
+
+
+@needs_cuda
+@pytest.mark.parametrize("check", [check_non_contiguous_inputs, check_bad_shapes_are_named])
+def test_fused_input_handling(cuda_ops, check):
+    check(cuda_ops, "cuda")
+
+
+@pytest.mark.parametrize("check", [check_non_contiguous_inputs, check_bad_shapes_are_named])
+def test_emulated_input_handling(emulated_ops, check):
+    check(emulated_ops, "cpu")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_emulated_op_drives_a_selora_layer_like_the_reference(emulated_ops, monkeypatch, dtype):
+    """A layer's whole path through the op as on a GPU: [N, T, in] inputs, autocast, Fisher terms
+    accumulated over two backwards, then growth and another step at the new rank."""
+    torch.manual_seed(8)
+    reference = SeLoRALinear(nn.Linear(96, 136), alpha=2.0)
+    nn.init.normal_(reference.lora_B, std=0.5)
+    layers = {"reference": reference, "emulated": copy.deepcopy(reference)}
+    offered = {"reference": None, "emulated": emulated_ops}
+    x, target = torch.randn(4, 77, 96), torch.randn(4, 77, 136)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for _ in range(2):
+        for name, layer in layers.items():
+            monkeypatch.setattr(selora, "_fused", [SimpleNamespace(selora_ops=lambda x, ops=offered[name]: ops)])
+            layer.track_fisher = True
+            for half in (x[:2], x[2:]):
+                with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+                    y = layer(half)
+                ((y.float() - target[:2]) ** 2).mean().backward()
+        want, got = layers.values()
+        for name in ("fisher_A", "fisher_B", "fisher_new"):
+            assert rel_err(getattr(got, name), getattr(want, name)) <= tol, name
+        for name in ("lora_A", "lora_B"):
+            assert rel_err(getattr(got, name).grad, getattr(want, name).grad) <= tol, name
+        assert got.fisher_ratio() == pytest.approx(want.fisher_ratio(), rel=tol)
+        for layer in layers.values():
+            layer.expand()
+            layer.lora_A.grad = layer.lora_B.grad = None
+            layer.reset_fisher(torch.Generator().manual_seed(1))
+    assert got.rank == 3 and torch.equal(got.lora_A, want.lora_A)
