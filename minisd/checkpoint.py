@@ -21,6 +21,8 @@ PREFIXES = {
     "vae": "first_stage_model.",
     "text_encoder": "cond_stage_model.transformer.",
 }
+PART_NAMES = {"unet": "U-Net", "vae": "VAE", "text_encoder": "text encoder"}
+# Per part, in order of preference; each may also be sharded: `<name>.index.json` with a weight_map.
 DIFFUSERS_FILES = {
     "unet": ["diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
              "diffusion_pytorch_model.bin", "diffusion_pytorch_model.fp16.bin"],
@@ -29,35 +31,98 @@ DIFFUSERS_FILES = {
     "text_encoder": ["model.safetensors", "model.fp16.safetensors", "pytorch_model.bin", "pytorch_model.fp16.bin"],
 }
 # Entries of real files that are not weights of the three networks: the DDPM schedule buffers, EMA
-# bookkeeping, CLIP's position ids and logit scale.
+# bookkeeping and weights, the VAE's training loss (LPIPS, discriminator) that some files carry along,
+# CLIP's position ids and logit scale.
 KNOWN_EXTRAS = re.compile(
     r"^(betas|alphas_cumprod(_prev)?|sqrt_(recip(m1)?_)?alphas_cumprod|sqrt_one_minus_alphas_cumprod"
-    r"|log_one_minus_alphas_cumprod|posterior_\w+|lvlb_weights|logvar|model_ema\..*)$|(^|\.)position_ids$|(^|\.)logit_scale$")
+    r"|log_one_minus_alphas_cumprod|posterior_\w+|lvlb_weights|logvar|model_ema\..*|first_stage_model\.loss\..*)$"
+    r"|(^|\.)position_ids$|(^|\.)logit_scale$")
 SAFETENSORS_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+
+# Files that are not an SD-1.5 checkpoint, told by their keys: the first rule that some key matches names
+# the file. OTHER_MODELS never match an SD-1.5 key; PARTS_ALONE apply when no key has an SD-1.5 prefix.
+OTHER_MODELS = [
+    (r"^lora_(unet|te\d?)_|\.(lora_down|lora_up|lora_A|lora_B)(\.weight)?$|_lora\.(down|up)\.weight$|\.(hada_w1_a|lokr_w1)$",
+     "is a LoRA adapter, not a model"),
+    (r"^conditioner\.embedders\.", "is an SDXL checkpoint"),
+    (r"^cond_stage_model\.model\.", "is an SD 2.x checkpoint with an OpenCLIP text encoder"),
+    (r"^(model\.diffusion_model\.)?joint_blocks\.", "is an SD3 checkpoint"),
+    (r"^(model\.diffusion_model\.)?double_blocks\.", "is a Flux checkpoint"),
+    (r"^control_model\.|^controlnet_", "is a ControlNet, not a base model"),
+    (r"^emb_params$", "is a textual-inversion embedding, not a model"),
+]
+PARTS_ALONE = [
+    (r"^(encoder|decoder|quant_conv|post_quant_conv)\.", "holds a VAE alone"),
+    (r"^(input_blocks|middle_block|output_blocks|time_embed|down_blocks|mid_block|up_blocks|time_embedding|conv_in)\.",
+     "holds a U-Net alone"),
+    (r"^(transformer\.)?text_model\.|^embeddings\.token_embedding\.", "holds a text encoder alone"),
+]
 
 
 # ---------------------------------------------------------------------------------------------- files
 
+def first_line(e):
+    """The first sentence of an exception's message, for one-line errors."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0]
+
+
 def read_tensors(path):
-    """All tensors of a .safetensors file, or of a .ckpt/.bin read with torch.load(weights_only=True)."""
+    """The tensors of a .safetensors file (known extras left unread), or of a .ckpt/.pt/.bin read with
+    torch.load(weights_only=True); a `state_dict` entry is unwrapped and non-tensor entries are dropped."""
     if not os.path.exists(path):
         raise MinisdError(f"{path}: no such file")
-    if path.endswith(PICKLE_SUFFIXES):
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise MinisdError(f"{path}: cannot be read as a weights-only checkpoint ({str(e).splitlines()[0]}); "
-                              "convert it to .safetensors") from None
-        obj = obj.get("state_dict", obj) if isinstance(obj, dict) else obj
-        if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-            raise MinisdError(f"{path}: holds no state dict of tensors")
-        return obj
+    if os.path.isdir(path):
+        raise MinisdError(f"{path}: is a folder, expected a weights file")
+    if os.path.getsize(path) == 0:
+        raise MinisdError(f"{path}: is empty (0 bytes)")
+    if path.lower().endswith(PICKLE_SUFFIXES):
+        return read_pickle(path)
     try:
         with safe_open(path, framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}
+            return {k: f.get_tensor(k) for k in f.keys() if not KNOWN_EXTRAS.search(k)}
+    except OSError as e:
+        raise MinisdError(f"{path}: cannot be read ({e.strerror or first_line(e)})") from None
     except Exception as e:
-        raise MinisdError(f"{path}: not a readable safetensors file, or truncated ({str(e).splitlines()[0]})") from None
+        raise MinisdError(f"{path}: not a readable safetensors file, or truncated ({first_line(e)})") from None
+
+
+def read_pickle(path):
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as e:
+        raise MinisdError(f"{path}: cannot be read ({e.strerror or first_line(e)})") from None
+    except Exception as e:
+        needs = re.findall(r"GLOBAL ([\w.]+)", str(e))   # torch names the first object it refused
+        if needs:
+            raise MinisdError(f"{path}: cannot be read weights-only: its pickle needs the Python object {needs[0]}, "
+                              "and minisd never runs pickled code; convert it to .safetensors where you trust it") from None
+        raise MinisdError(f"{path}: not a readable PyTorch checkpoint, or truncated ({first_line(e)})") from None
+    while isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]   # Lightning checkpoints: {"state_dict": …, "global_step": …, "epoch": …}
+    if not isinstance(obj, dict):
+        raise MinisdError(f"{path}: holds a {type(obj).__name__}, not a state dict of named tensors")
+    tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+    if not tensors:
+        entries = ", ".join(f"{k!r} ({type(v).__name__})" for k, v in list(obj.items())[:4])
+        raise MinisdError(f"{path}: holds no tensors, so no state dict (entries: {entries or 'none'})")
+    return tensors
+
+
+def read_json(path, missing):
+    """A JSON object from a file; `missing` says what the file is for when it is absent."""
+    if not os.path.exists(path):
+        raise MinisdError(f"{path}: missing ({missing})")
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except OSError as e:
+        raise MinisdError(f"{path}: cannot be read ({e.strerror or first_line(e)})") from None
+    except ValueError as e:   # JSONDecodeError, UnicodeDecodeError
+        raise MinisdError(f"{path}: not valid JSON ({first_line(e)})") from None
+    if not isinstance(data, dict):
+        raise MinisdError(f"{path}: holds a JSON {type(data).__name__}, expected an object")
+    return data
 
 
 def atomic_save(tensors, path, metadata=None):
@@ -154,85 +219,152 @@ def normalize_diffusers_name(part, key):
 
 # ----------------------------------------------------------------------------- configs from files
 
-def infer_config(parts):
+# Other in/out channel counts of SD-1.5-shaped U-Nets, and what they are.
+INPUT_CHANNEL_KINDS = {9: "an inpainting model", 8: "an image-editing (InstructPix2Pix) model", 5: "a depth-to-image model"}
+CLIP_VOCAB = 49408   # token ids the CLIP tokenizer produces
+
+
+def require_text_to_image(config, source):
+    """What sampling and training rely on beyond the weights' shapes: 4 latent channels in and out,
+    text features as wide as the U-Net's cross-attention expects, an embedding for every token id."""
+    u, v, t = config.unet, config.vae, config.text
+    if u.in_channels != 4:
+        kind = f" ({INPUT_CHANNEL_KINDS[u.in_channels]})" if u.in_channels in INPUT_CHANNEL_KINDS else ""
+        raise MinisdError(f"{source}: U-Net takes {u.in_channels} input channels{kind}; minisd runs text-to-image SD-1.5 with 4")
+    if u.out_channels != 4:
+        raise MinisdError(f"{source}: U-Net predicts {u.out_channels} channels; SD-1.5's predicts the 4 latent channels")
+    if v.z_channels != 4:
+        raise MinisdError(f"{source}: VAE has {v.z_channels} latent channels; SD-1.5's has 4")
+    if u.context_dim != t.width:
+        raise MinisdError(f"{source}: U-Net cross-attention takes {u.context_dim}-wide text features, "
+                          f"but the text encoder gives {t.width}")
+    if t.vocab_size < CLIP_VOCAB:
+        raise MinisdError(f"{source}: text encoder has {t.vocab_size} token embeddings; the CLIP tokenizer needs {CLIP_VOCAB}")
+    if t.width % t.heads or any(u.model_channels * m % u.num_heads for m in u.channel_mult):
+        raise MinisdError(f"{source}: attention widths do not split into the heads "
+                          f"(text {t.width} / {t.heads} heads, U-Net {u.model_channels}×{u.channel_mult} / {u.num_heads})")
+    return config
+
+
+def infer_config(parts, source="checkpoint"):
     """The architecture of original-named state dicts, read off their shapes."""
+    def size(part, key, dim):
+        if key not in parts[part]:
+            raise MinisdError(f"{source}: missing key {PREFIXES[part] + key!r}, needed to tell the architecture")
+        shape = parts[part][key].shape
+        if len(shape) <= dim:
+            raise MinisdError(f"{source}: {PREFIXES[part] + key!r} has shape {tuple(shape)}, too few dimensions")
+        return shape[dim]
+
     unet, vae, text = parts["unet"], parts["vae"], parts["text_encoder"]
-    try:
-        mc = unet["input_blocks.0.0.weight"].shape[0]
-        mults, attention_levels, n_res, level, block = [], [], 0, 0, 1
-        while f"input_blocks.{block}.0.in_layers.0.weight" in unet or f"input_blocks.{block}.0.op.weight" in unet:
-            if f"input_blocks.{block}.0.op.weight" in unet:
-                level, n_res = level + 1, 0
-            else:
-                n_res += 1
-                if n_res == 1:
-                    mults.append(unet[f"input_blocks.{block}.0.out_layers.3.weight"].shape[0] // mc)
-                if f"input_blocks.{block}.1.proj_in.weight" in unet and level not in attention_levels:
-                    attention_levels.append(level)
-            block += 1
-        context_dim = unet["middle_block.1.transformer_blocks.0.attn2.to_k.weight"].shape[1]
-        unet_cfg = UNetConfig(model_channels=mc, channel_mult=tuple(mults), num_res_blocks=n_res,
-                              attention_levels=tuple(attention_levels), context_dim=context_dim,
-                              in_channels=unet["input_blocks.0.0.weight"].shape[1], out_channels=unet["out.2.weight"].shape[0])
-        ch = vae["encoder.conv_in.weight"].shape[0]
-        n_levels = len({k.split(".")[2] for k in vae if k.startswith("encoder.down.")})
-        vae_cfg = VAEConfig(ch=ch, ch_mult=tuple(vae[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] // ch for i in range(n_levels)),
-                            num_res_blocks=len({k.split(".")[4] for k in vae if k.startswith("encoder.down.0.block.")}),
-                            z_channels=vae["post_quant_conv.weight"].shape[0])
-        tm = "text_model."
-        width = text[tm + "embeddings.token_embedding.weight"].shape[1]
-        text_cfg = TextConfig(vocab_size=text[tm + "embeddings.token_embedding.weight"].shape[0],
-                              max_positions=text[tm + "embeddings.position_embedding.weight"].shape[0],
-                              width=width, heads=width // 64 or 1,
-                              layers=len({k.split(".")[3] for k in text if k.startswith(tm + "encoder.layers.")}),
-                              mlp_width=text[tm + "encoder.layers.0.mlp.fc1.weight"].shape[0])
-    except KeyError as e:
-        raise MinisdError(f"checkpoint is missing key {e.args[0]!r} needed to tell its architecture") from None
-    return ModelConfig(unet_cfg, vae_cfg, text_cfg)
+    mc = size("unet", "input_blocks.0.0.weight", 0)
+    mults, attention_levels, n_res, level, block = [], [], 0, 0, 1
+    while f"input_blocks.{block}.0.in_layers.0.weight" in unet or f"input_blocks.{block}.0.op.weight" in unet:
+        if f"input_blocks.{block}.0.op.weight" in unet:
+            level, n_res = level + 1, 0
+        else:
+            n_res += 1
+            if n_res == 1:
+                mults.append(size("unet", f"input_blocks.{block}.0.out_layers.3.weight", 0) // mc)
+            if f"input_blocks.{block}.1.proj_in.weight" in unet and level not in attention_levels:
+                attention_levels.append(level)
+        block += 1
+    unet_cfg = UNetConfig(model_channels=mc, channel_mult=tuple(mults), num_res_blocks=n_res,
+                          attention_levels=tuple(attention_levels),
+                          context_dim=size("unet", "middle_block.1.transformer_blocks.0.attn2.to_k.weight", 1),
+                          in_channels=size("unet", "input_blocks.0.0.weight", 1), out_channels=size("unet", "out.2.weight", 0))
+    ch = size("vae", "encoder.conv_in.weight", 0)
+    n_levels = len({k.split(".")[2] for k in vae if k.startswith("encoder.down.")})
+    vae_cfg = VAEConfig(ch=ch, ch_mult=tuple(size("vae", f"encoder.down.{i}.block.0.conv1.weight", 0) // ch for i in range(n_levels)),
+                        num_res_blocks=len({k.split(".")[4] for k in vae if k.startswith("encoder.down.0.block.")}),
+                        z_channels=size("vae", "post_quant_conv.weight", 0))
+    tm = "text_model."
+    width = size("text_encoder", tm + "embeddings.token_embedding.weight", 1)
+    text_cfg = TextConfig(vocab_size=size("text_encoder", tm + "embeddings.token_embedding.weight", 0),
+                          max_positions=size("text_encoder", tm + "embeddings.position_embedding.weight", 0),
+                          width=width, heads=width // 64 or 1,
+                          layers=len({k.split(".")[3] for k in text if k.startswith(tm + "encoder.layers.")}),
+                          mlp_width=size("text_encoder", tm + "encoder.layers.0.mlp.fc1.weight", 0))
+    return require_text_to_image(ModelConfig(unet_cfg, vae_cfg, text_cfg), source)
+
+
+def positive(value):
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+POSITIVE = (positive, "a positive integer")
+POSITIVES = (lambda v: isinstance(v, list) and len(v) > 0 and all(map(positive, v)), "a list of positive integers")
+NAMES = (lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v), "a list of names")
+NUMBER = (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0, "a positive number")
+REQUIRED = object()
+
+
+def setting(config, path, key, kind, default=REQUIRED):
+    """config[key], checked to be of `kind` (a test and its description); `default` when absent or null."""
+    if config.get(key) is None:
+        if default is REQUIRED:
+            raise MinisdError(f"{path}: lacks {key!r}")
+        return default
+    test, description = kind
+    if not test(config[key]):
+        raise MinisdError(f"{path}: {key!r} is {config[key]!r}, expected {description}")
+    return config[key]
 
 
 def config_from_diffusers(folder):
-    def read(part):
-        path = os.path.join(folder, part, "config.json")
-        if not os.path.exists(path):
-            raise MinisdError(f"{path}: missing (a diffusers folder has unet/, vae/ and text_encoder/, each with config.json)")
-        try:
-            with open(path) as f:
-                return json.load(f)
-        except json.JSONDecodeError as e:
-            raise MinisdError(f"{path}: not valid JSON ({e})") from None
+    up, vp, tp = (os.path.join(folder, part, "config.json") for part in ("unet", "vae", "text_encoder"))
+    u, v, t = (read_json(path, "a diffusers folder has unet/, vae/ and text_encoder/, each with config.json") for path in (up, vp, tp))
+    if os.path.isdir(os.path.join(folder, "text_encoder_2")) or u.get("addition_embed_type") is not None:
+        raise MinisdError(f"{folder}: an SDXL pipeline (second text encoder, U-Net with addition_embed_type); minisd runs SD-1.5")
+    if u.get("use_linear_projection"):
+        raise MinisdError(f"{up}: U-Net with linear projections (SD 2.x) is not SD-1.5")
+    if t.get("hidden_act", "quick_gelu") != "quick_gelu":
+        raise MinisdError(f"{tp}: hidden_act {t['hidden_act']!r} is not CLIP ViT-L/14's quick_gelu")
 
-    u, v, t = read("unet"), read("vae"), read("text_encoder")
-    try:
-        if u.get("use_linear_projection"):
-            raise MinisdError(f"{folder}: U-Net with linear projections (SD 2.x) is not SD-1.5")
-        boc = u["block_out_channels"]
-        heads = u.get("num_attention_heads") or u.get("attention_head_dim", 8)
-        if isinstance(heads, (list, tuple)):
-            if len(set(heads)) != 1:
-                raise MinisdError(f"{folder}/unet/config.json: per-level head counts {heads} are not SD-1.5's")
-            heads = heads[0]
-        unet_cfg = UNetConfig(model_channels=boc[0], channel_mult=tuple(c // boc[0] for c in boc),
-                              num_res_blocks=u["layers_per_block"], num_heads=heads,
-                              attention_levels=tuple(i for i, b in enumerate(u["down_block_types"]) if "CrossAttn" in b),
-                              context_dim=u["cross_attention_dim"], in_channels=u.get("in_channels", 4),
-                              out_channels=u.get("out_channels", 4))
-        vboc = v["block_out_channels"]
-        vae_cfg = VAEConfig(ch=vboc[0], ch_mult=tuple(c // vboc[0] for c in vboc), num_res_blocks=v["layers_per_block"],
-                            z_channels=v.get("latent_channels", 4), scaling_factor=v.get("scaling_factor", 0.18215))
-        if t.get("hidden_act", "quick_gelu") != "quick_gelu":
-            raise MinisdError(f"{folder}/text_encoder/config.json: hidden_act {t['hidden_act']!r} is not CLIP ViT-L/14's quick_gelu")
-        text_cfg = TextConfig(vocab_size=t["vocab_size"], max_positions=t["max_position_embeddings"], width=t["hidden_size"],
-                              layers=t["num_hidden_layers"], heads=t["num_attention_heads"], mlp_width=t["intermediate_size"])
-    except KeyError as e:
-        raise MinisdError(f"{folder}: config.json lacks {e.args[0]!r}") from None
-    return ModelConfig(unet_cfg, vae_cfg, text_cfg)
+    boc = setting(u, up, "block_out_channels", POSITIVES)
+    down = setting(u, up, "down_block_types", NAMES)
+    if len(down) != len(boc) or any(c % boc[0] for c in boc):
+        raise MinisdError(f"{up}: block_out_channels {boc} with down_block_types {down} are not SD-1.5's layout "
+                          "(one block type per level, widths multiples of the first)")
+    heads = u.get("num_attention_heads") or u.get("attention_head_dim", 8)   # diffusers' SD-1.5 configs say heads here
+    if isinstance(heads, list) and len(set(heads)) == 1:
+        heads = heads[0]
+    if not positive(heads):
+        raise MinisdError(f"{up}: attention heads {heads!r} are not SD-1.5's (one head count for every level)")
+    unet_cfg = UNetConfig(model_channels=boc[0], channel_mult=tuple(c // boc[0] for c in boc),
+                          num_res_blocks=setting(u, up, "layers_per_block", POSITIVE), num_heads=heads,
+                          attention_levels=tuple(i for i, b in enumerate(down) if "CrossAttn" in b),
+                          context_dim=setting(u, up, "cross_attention_dim", POSITIVE),
+                          in_channels=setting(u, up, "in_channels", POSITIVE, 4),
+                          out_channels=setting(u, up, "out_channels", POSITIVE, 4))
+    vboc = setting(v, vp, "block_out_channels", POSITIVES)
+    if any(c % vboc[0] for c in vboc):
+        raise MinisdError(f"{vp}: block_out_channels {vboc} are not multiples of the first")
+    vae_cfg = VAEConfig(ch=vboc[0], ch_mult=tuple(c // vboc[0] for c in vboc), num_res_blocks=setting(v, vp, "layers_per_block", POSITIVE),
+                        z_channels=setting(v, vp, "latent_channels", POSITIVE, 4),
+                        scaling_factor=setting(v, vp, "scaling_factor", NUMBER, 0.18215))
+    text_cfg = TextConfig(vocab_size=setting(t, tp, "vocab_size", POSITIVE),
+                          max_positions=setting(t, tp, "max_position_embeddings", POSITIVE),
+                          width=setting(t, tp, "hidden_size", POSITIVE), layers=setting(t, tp, "num_hidden_layers", POSITIVE),
+                          heads=setting(t, tp, "num_attention_heads", POSITIVE), mlp_width=setting(t, tp, "intermediate_size", POSITIVE))
+    return require_text_to_image(ModelConfig(unet_cfg, vae_cfg, text_cfg), folder)
 
 
 # --------------------------------------------------------------------------------------- reading
 
+def name_other_models(keys, path):
+    """A file that is another model, an adapter or one part alone is named for what it is."""
+    keys = list(keys)
+    has_sd15_part = any(k.startswith(tuple(PREFIXES.values())) for k in keys)
+    for pattern, what in OTHER_MODELS + ([] if has_sd15_part else PARTS_ALONE):
+        key = next((k for k in keys if re.search(pattern, k)), None)
+        if key is not None:
+            raise MinisdError(f"{path}: {what} (key {key!r}); minisd loads whole SD-1.5 models (U-Net, VAE and text encoder)")
+
+
 def split_single_file(tensors, path):
     """Original single file -> per-part dicts with our names; unknown keys are an error."""
+    name_other_models(tensors, path)
     parts = {part: {} for part in PREFIXES}
     for key, value in tensors.items():
         if KNOWN_EXTRAS.search(key):
@@ -242,29 +374,59 @@ def split_single_file(tensors, path):
                 name = key[len(prefix):]
                 if part == "text_encoder" and not name.startswith("text_model."):
                     name = "text_model." + name
+                if name in parts[part]:   # spelled both with and without `text_model.`
+                    raise MinisdError(f"{path}: holds the weight {name!r} twice ({prefix + name!r} and "
+                                      f"{prefix + name[len('text_model.'):]!r}); keep one")
                 parts[part][name] = value
                 break
         else:
             raise MinisdError(f"{path}: unexpected key {key!r}")
     if not any(parts.values()):
         raise MinisdError(f"{path}: no SD-1.5 weights found (keys like 'model.diffusion_model.…' expected)")
+    missing = [f"no {PART_NAMES[part]} (keys '{PREFIXES[part]}…')" for part in PREFIXES if not parts[part]]
+    if missing:
+        raise MinisdError(f"{path}: has {' and '.join(missing)}; minisd needs U-Net, VAE and text encoder in one file")
     return parts
 
 
-def find_part_file(folder, part):
+def find_part_files(folder, part):
+    """(what to name in messages, weights files) of one diffusers part: a file, or the shards its index lists."""
     for name in DIFFUSERS_FILES[part]:
         path = os.path.join(folder, part, name)
         if os.path.exists(path):
-            return path
-    raise MinisdError(f"{os.path.join(folder, part)}: no weights file (expected one of {', '.join(DIFFUSERS_FILES[part])})")
+            return path, [path]
+        if os.path.exists(path + ".index.json"):
+            return path + ".index.json", shard_files(path + ".index.json")
+    raise MinisdError(f"{os.path.join(folder, part)}: no weights file (expected one of {', '.join(DIFFUSERS_FILES[part])}, "
+                      "or a sharded one's .index.json)")
+
+
+def shard_files(index):
+    weight_map = read_json(index, "").get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(f, str) for f in weight_map.values()):
+        raise MinisdError(f"{index}: no 'weight_map' naming a shard file for each key")
+    shards = []
+    for name in dict.fromkeys(weight_map.values()):
+        path = os.path.join(os.path.dirname(index), name)
+        if not os.path.exists(path):
+            raise MinisdError(f"{index}: shard file {name!r} is missing")
+        shards.append(path)
+    return shards
 
 
 def read_diffusers_folder(folder, model):
-    """Diffusers folder -> per-part dicts with our names, mapped through `to_diffusers_name`."""
-    parts = {}
+    """Diffusers folder -> (per-part dicts with our names, mapped through `to_diffusers_name`;
+    locate(part, name) -> (file, key) that names a weight as the folder holds it)."""
+    parts, origins = {}, {}
     for part, module in model.parts().items():
-        path = find_part_file(folder, part)
-        tensors = {normalize_diffusers_name(part, k): v for k, v in read_tensors(path).items()}
+        origin, files = find_part_files(folder, part)
+        tensors = {}
+        for path in files:
+            for key, value in read_tensors(path).items():
+                name = normalize_diffusers_name(part, key)
+                if name in tensors:
+                    raise MinisdError(f"{path}: {key!r} holds the same weight as another key ({name!r})")
+                tensors[name] = value
         ours = {}
         for name in module.state_dict():
             theirs = to_diffusers_name(part, name, model.config)
@@ -272,38 +434,60 @@ def read_diffusers_folder(folder, model):
                 ours[name] = tensors.pop(theirs)
         for key in tensors:
             if not KNOWN_EXTRAS.search(key):
-                raise MinisdError(f"{path}: unexpected key {key!r}")
-        parts[part] = ours
-    return parts
+                raise MinisdError(f"{origin}: unexpected key {key!r}")
+        parts[part], origins[part] = ours, origin
+    return parts, lambda part, name: (origins[part], to_diffusers_name(part, name, model.config))
 
 
-def check_and_convert(parts, model, source, dtype):
-    """Every parameter present with the right shape; VAE attention accepted as [C,C] or [C,C,1,1]."""
+def all_finite(t):
+    """No NaN or inf, in one vectorised pass: min and max propagate NaN, and an inf is an extreme."""
+    if t.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(t)
+    return bool(lo.isfinite() & hi.isfinite())
+
+
+def check_and_convert(parts, model, source, dtype, locate=None):
+    """Every parameter present with the right shape and finite values, converted to dtype (the file's
+    tensors are released as they are converted); VAE attention accepted as [C,C] or [C,C,1,1].
+    locate(part, name) -> (file, key) names a weight in messages; by default the single-file key in `source`."""
+    locate = locate or (lambda part, name: (source, PREFIXES[part] + name))
     out = {}
     for part, module in model.parts().items():
         expected = module.state_dict()
         given = parts.get(part, {})
         for name in given:
             if name not in expected:
-                raise MinisdError(f"{source}: unexpected key {PREFIXES[part] + name!r}")
+                raise MinisdError("{}: unexpected key {!r}".format(*locate(part, name)))
         out[part] = {}
         for name, ref in expected.items():
+            file, key = locate(part, name)
             if name not in given:
-                raise MinisdError(f"{source}: missing key {PREFIXES[part] + name!r}")
-            value = given[name]
+                raise MinisdError(f"{file}: missing key {key!r}")
+            original = given.pop(name)
+            value = original
             if value.shape != ref.shape and value.numel() == ref.numel() and part == "vae" and ".attn_1." in name:
                 value = value.reshape(ref.shape)
             if value.shape != ref.shape:
-                raise MinisdError(f"{source}: {PREFIXES[part] + name!r} has shape {tuple(value.shape)}, expected {tuple(ref.shape)}")
+                raise MinisdError(f"{file}: {key!r} has shape {tuple(value.shape)}, expected {tuple(ref.shape)}")
             if not value.is_floating_point():
-                raise MinisdError(f"{source}: {PREFIXES[part] + name!r} has dtype {value.dtype}, expected floating point")
-            out[part][name] = value.to(dtype)
+                raise MinisdError(f"{file}: {key!r} has dtype {value.dtype}, expected floating point")
+            value = value.to(dtype)
+            if not all_finite(value):
+                if bool(torch.isfinite(original).all()):
+                    raise MinisdError(f"{file}: {key!r} has values beyond {str(dtype).replace('torch.', '')} range (largest magnitude "
+                                      f"{original.abs().max().item():.3g}); load the model in float32 or bfloat16")
+                raise MinisdError(f"{file}: {key!r} holds NaN or infinite values (a broken checkpoint: it would give "
+                                  "black or noise images)")
+            out[part][name] = value
     return out
 
 
 HUB_FILES = ["model_index.json", "unet/config.json", "vae/config.json", "text_encoder/config.json",
              "unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
-             "text_encoder/model.safetensors"]
+             "text_encoder/model.safetensors",
+             "unet/diffusion_pytorch_model.safetensors.index.json", "unet/diffusion_pytorch_model-*-of-*.safetensors",
+             "text_encoder/model.safetensors.index.json", "text_encoder/model-*-of-*.safetensors"]
 
 
 def resolve_hub_id(repo_id):
@@ -319,18 +503,50 @@ def resolve_hub_id(repo_id):
     try:
         return snapshot_download(repo_id, allow_patterns=HUB_FILES)
     except Exception as e:
-        raise MinisdError(f"model {repo_id!r} is not in the local huggingface cache and could not be downloaded "
-                          f"({type(e).__name__}); pass a local path: --model PATH (a single .safetensors file or a diffusers folder)") from None
+        raise MinisdError(f"{repo_id!r}: no such local file or folder, and as a hub model it is not in the local huggingface "
+                          f"cache and could not be downloaded ({type(e).__name__}); pass a local path: --model PATH "
+                          "(a single .safetensors file or a diffusers folder)") from None
+
+
+def diffusers_root(folder):
+    """The diffusers folder whose unet/, vae/ or text_encoder/ (with its config.json) `folder` is, or None."""
+    folder = os.path.abspath(folder)
+    root = os.path.dirname(folder)
+    if os.path.basename(folder) in PREFIXES and os.path.isfile(os.path.join(folder, "config.json")) \
+            and os.path.isdir(os.path.join(root, "unet")):
+        return root
+    return None
+
+
+def not_a_diffusers_folder(folder):
+    """One line saying what a folder without unet/ is, and what to pass instead."""
+    folder = os.path.abspath(folder)
+    if diffusers_root(folder):
+        return f"{folder}: the {os.path.basename(folder)}/ of a diffusers folder; pass the folder itself: {diffusers_root(folder)}"
+    index = os.path.join(folder, "model_index.json")
+    if os.path.isfile(index):
+        pipeline = read_json(index, "").get("_class_name", "pipeline")
+        return f"{folder}: a {pipeline} folder without unet/; minisd loads SD-1.5 (unet/, vae/ and text_encoder/)"
+    files = sorted(f for f in os.listdir(folder) if f.lower().endswith(SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES))
+    if files:
+        return f"{folder}: not a diffusers folder (no unet/); pass a checkpoint file in it instead, e.g. {os.path.join(folder, files[0])}"
+    return f"{folder}: unknown layout: a folder, but neither a diffusers folder (unet/, vae/, text_encoder/) nor one holding a checkpoint file"
 
 
 def read_checkpoint(source):
-    """path | diffusers folder | hub id -> (kind, config or None, parts or loader needing the model)."""
+    """path | diffusers folder | hub id -> (kind, path): ("single", file) or ("diffusers", folder)."""
+    source = os.path.expanduser(os.fspath(source))
     if os.path.isdir(source):
         if not os.path.isdir(os.path.join(source, "unet")):
-            raise MinisdError(f"{source}: unknown layout (expected a diffusers folder with unet/, vae/ and text_encoder/)")
+            raise MinisdError(not_a_diffusers_folder(source))
         return "diffusers", source
     if os.path.exists(source):
-        if not source.endswith(SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES):
+        folder = os.path.dirname(os.path.abspath(source))
+        if os.path.basename(source) == "model_index.json" and os.path.isdir(os.path.join(folder, "unet")):
+            raise MinisdError(f"{source}: the index of a diffusers folder; pass the folder itself: {folder}")
+        if diffusers_root(folder):
+            raise MinisdError(f"{source}: one part of a diffusers folder; pass the folder itself: {diffusers_root(folder)}")
+        if not source.lower().endswith(SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES):
             raise MinisdError(f"{source}: unknown checkpoint type (expected .safetensors, .ckpt or a diffusers folder)")
         return "single", source
     if re.fullmatch(r"[\w.-]+/[\w.-]+", source) and not source.startswith((".", "/")) and not source.endswith(SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES):

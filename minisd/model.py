@@ -1,4 +1,6 @@
 """The three networks and the tokenizer together, built from a config or loaded from a checkpoint."""
+import os
+
 import torch
 import torch.nn as nn
 
@@ -49,19 +51,24 @@ def build(config="tiny", seed=0, device="cpu", dtype=torch.float32):
 
 def load(source=DEFAULT_MODEL, device="cpu", dtype=torch.float32):
     """SD-1.5 from a single .safetensors/.ckpt file, a diffusers folder, a hub id, or 'tiny'."""
-    if source in CONFIGS and source == "tiny":
+    source = os.fspath(source)
+    if source == "tiny":
         return build("tiny", device=device, dtype=dtype)
     kind, path = checkpoint.read_checkpoint(source)
+    locate = None
     if kind == "single":
         parts = checkpoint.split_single_file(checkpoint.read_tensors(path), path)
-        config = checkpoint.infer_config(parts)
+        config = checkpoint.infer_config(parts, path)
     else:
         config = checkpoint.config_from_diffusers(path)
-    with torch.device("meta"):
-        model = StableDiffusion(config, source=source)
+    try:
+        with torch.device("meta"):
+            model = StableDiffusion(config, source=source)
+    except (ValueError, RuntimeError) as e:   # e.g. widths that GroupNorm(32) cannot split
+        raise MinisdError(f"{path}: the architecture it describes cannot be built ({checkpoint.first_line(e)})") from None
     if kind == "diffusers":
-        parts = checkpoint.read_diffusers_folder(path, model)
-    parts = checkpoint.check_and_convert(parts, model, path, dtype)
+        parts, locate = checkpoint.read_diffusers_folder(path, model)
+    parts = checkpoint.check_and_convert(parts, model, path, dtype, locate)
     for part, module in model.parts().items():
         module.load_state_dict(parts[part], assign=True)
     return model.to(device).eval().requires_grad_(False)
