@@ -327,6 +327,13 @@ def test_emulated_kernels_match_reference(emulated_ops, monkeypatch, shape, mult
     assert_matches_reference(emulated_ops, random_case(*shape, rank, dtype, device="cpu"), dtype)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("rank", [1, 64])
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+def test_emulated_kernels_match_reference_at_full_size(emulated_ops, shape, rank):
+    assert_matches_reference(emulated_ops, random_case(*shape, rank, torch.float32, device="cpu"), torch.float32)
+
+
 @needs_cuda
 def test_fused_backward_is_deterministic(cuda_ops):
     case = random_case(8, 1024, 320, 640, True, 4, torch.bfloat16)
