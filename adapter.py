@@ -13,7 +13,7 @@ import torch
 
 import minisd
 from minisd.checkpoint import PREFIXES
-from minisd.cli import main_guard
+from minisd.cli import ArgumentParser, main_guard
 from minisd.errors import MinisdError
 from minisd.export import export_diffusers, export_kohya, fold, read_pairs
 from minisd.medlego import merge_adapters, summary
@@ -22,7 +22,7 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog="\n".join(__doc__.splitlines()[1:]),
+    p = ArgumentParser(description=__doc__.splitlines()[0], epilog="\n".join(__doc__.splitlines()[1:]),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = p.add_subparsers(dest="command", required=True)
 

@@ -13,14 +13,15 @@ import warnings
 from pathlib import Path
 
 import minisd
-from minisd.cli import PRECISIONS, main_guard, pick_device
+from minisd.cli import (PRECISIONS, ArgumentParser, check, check_data_root, check_finite, check_pixels, check_seed,
+                        check_steps, main_guard, output_folder, pick_device, warn_half_precision_on_cpu)
 from minisd.errors import MinisdError
 from minisd.evaluation import evaluate_folders, evaluate_model, latest_run, markdown, save_grid
 from minisd.inception import DIMS, RESIZE_MODE
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog="\n".join(__doc__.splitlines()[1:]),
+    p = ArgumentParser(description=__doc__.splitlines()[0], epilog="\n".join(__doc__.splitlines()[1:]),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("two folders")
     g.add_argument("--real", help="folder of real images")
@@ -68,20 +69,20 @@ def resolve_mode(args):
         raise MinisdError("--prompts needs --real and --fake (with --data the prompts come from the data set)")
     if not (args.model or args.data or args.adapter):
         run, record = latest_run()
-        missing = [k for k in ("model", "data") if k not in record]
-        if missing:
-            raise MinisdError(f"{run / 'args.json'}: no {' or '.join(missing)} recorded")
         adapter = Path(record.get("adapter") or run / "adapter.safetensors")
         if not adapter.is_file():
             raise MinisdError(f"{adapter}: not found (has the run finished?); pass --adapter PATH")
         args.model, args.data, args.adapter = record["model"], record["data"], str(adapter)
+        check_data_root(args.data, args.data_root)
         args.data_root = args.data_root or record.get("data_root")
         args.resolution = args.resolution or record.get("resolution")
         args.data_seed = record.get("seed", 0) if args.data_seed is None else args.data_seed
         args.out = args.out or str(run / "eval")
         print(f"evaluating run {run}: model {args.model}, data {args.data}, split {args.split}", file=sys.stderr)
-    if not args.data:
+    elif not args.data:
         raise MinisdError("--model/--adapter need --data NAME for the test prompts and real images")
+    else:
+        check_data_root(args.data, args.data_root)
     args.model = args.model or minisd.DEFAULT_MODEL
     args.data_seed = args.data_seed or 0
     args.out = args.out or "eval"
@@ -89,12 +90,20 @@ def resolve_mode(args):
 
 
 def check_args(args):
-    for flag in ("batch_size", "sample_batch_size", "kid_subsets", "steps", "resolution"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            raise MinisdError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
-    if args.kid_subset_size is not None and args.kid_subset_size < 2:
-        raise MinisdError(f"--kid-subset-size must be at least 2, got {args.kid_subset_size}")
+    for flag in ("batch_size", "sample_batch_size", "kid_subsets"):
+        check(getattr(args, flag) >= 1, f"--{flag.replace('_', '-')}", getattr(args, flag), "at least 1")
+    if args.kid_subset_size is not None:
+        check(args.kid_subset_size >= 2, "--kid-subset-size", args.kid_subset_size, "at least 2")
+    check_steps("--steps", args.steps)
+    check_finite("--guidance", args.guidance)
+    if args.resolution is not None:
+        check_pixels("--resolution", args.resolution)
+    if args.data_seed is not None:
+        check_seed("--data-seed", args.data_seed)
+    for seed in args.seeds:
+        check_seed("--seeds", seed)
+    if len(set(args.seeds)) < len(args.seeds):
+        raise MinisdError(f"--seeds {' '.join(map(str, args.seeds))}: a seed is repeated (each gives one image set)")
 
 
 @main_guard
@@ -103,6 +112,9 @@ def main(argv=None):
     check_args(args)
     mode = resolve_mode(args)
     device = pick_device(args.device)
+    if mode == "model":
+        warn_half_precision_on_cpu(args.precision, device)
+    out = Path(output_folder("--out", args.out))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         report, rows = (evaluate_folders if mode == "folders" else evaluate_model)(args, device)
@@ -113,8 +125,6 @@ def main(argv=None):
     report["resize_mode"] = RESIZE_MODE
     report.setdefault("truncated_prompts", 0)
     report["warnings"] = messages
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     table = markdown(report)
     (out / "eval.json").write_text(json.dumps(report, indent=2))
     (out / "eval.md").write_text(table)

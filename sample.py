@@ -1,20 +1,21 @@
 """Generate images with SD-1.5 (optionally with a trained adapter) by DDIM with classifier-free guidance."""
-import argparse
 import json
 import os
 
 import minisd
-from minisd.cli import PRECISIONS, main_guard, pick_device
+from minisd.cli import (PRECISIONS, ArgumentParser, check, check_finite, check_pixels, check_seed, check_steps, main_guard,
+                        output_folder, pick_device, read_run_record, run_folder, warn_half_precision_on_cpu)
 from minisd.errors import MinisdError
 from minisd.images import grid, save_png
 from minisd.sampling import ddim_sample
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--model", default=minisd.DEFAULT_MODEL, help="single .safetensors/.ckpt file, diffusers folder, hub id, or 'tiny'")
+    p = ArgumentParser(description=__doc__)
+    p.add_argument("--model", help="single .safetensors/.ckpt file, diffusers folder, hub id, or 'tiny' "
+                                   f"(default: the --run's, else {minisd.DEFAULT_MODEL})")
     p.add_argument("--adapter", help="adapter .safetensors written by train.py")
-    p.add_argument("--run", help="use the model and adapter recorded in runs/RUN")
+    p.add_argument("--run", help="use the model and adapter recorded in runs/RUN (--model and --adapter override them)")
     p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     p.add_argument("--prompts", help="text file with one prompt per line")
     p.add_argument("--negative-prompt", default="")
@@ -39,6 +40,8 @@ def read_prompts(args):
                 prompts += [line.strip() for line in f if line.strip()]
         except OSError as e:
             raise MinisdError(f"--prompts {args.prompts}: {e.strerror}") from None
+        except UnicodeDecodeError:
+            raise MinisdError(f"--prompts {args.prompts}: not UTF-8 text") from None
     if not prompts:
         raise MinisdError("no prompt given: use --prompt TEXT or --prompts FILE")
     return prompts
@@ -47,23 +50,29 @@ def read_prompts(args):
 @main_guard
 def main(argv=None):
     args = parse_args(argv)
-    for flag in ("steps", "num_images", "batch_size"):
-        if getattr(args, flag) < 1:
-            raise MinisdError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    for flag in ("num_images", "batch_size"):
+        check(getattr(args, flag) >= 1, f"--{flag.replace('_', '-')}", getattr(args, flag), "at least 1")
+    check_steps("--steps", args.steps)
+    check_finite("--guidance", args.guidance)
+    check_seed("--seed", args.seed)
     for flag in ("height", "width"):
-        value = getattr(args, flag)
-        if value is not None and (value < 8 or value % 8):
-            raise MinisdError(f"--{flag} must be a positive multiple of 8, got {value}")
+        if getattr(args, flag) is not None:
+            check_pixels(f"--{flag}", getattr(args, flag))
     prompts = [p for p in read_prompts(args) for _ in range(args.num_images)]
     model, adapter = args.model, args.adapter
     if args.run:
-        record = os.path.join("runs", args.run, "args.json")
-        if not os.path.exists(record):
-            raise MinisdError(f"--run {args.run}: {record} not found")
-        with open(record) as f:
-            model = json.load(f)["model"]
-        adapter = adapter or os.path.join("runs", args.run, "adapter.safetensors")
-    sd = minisd.load(model, device=pick_device(args.device), dtype=PRECISIONS[args.precision])
+        folder = run_folder("--run", args.run)
+        try:
+            record = read_run_record(folder, required=["model"])
+        except MinisdError as e:
+            raise MinisdError(f"--run {args.run}: {e}") from None
+        model = model or record["model"]
+        adapter = adapter or os.path.join(folder, "adapter.safetensors")
+    model = model or minisd.DEFAULT_MODEL
+    output_folder("--out", args.out)
+    device = pick_device(args.device)
+    warn_half_precision_on_cpu(args.precision, device)
+    sd = minisd.load(model, device=device, dtype=PRECISIONS[args.precision])
     if adapter:
         from minisd.adapters import load_adapter
         load_adapter(sd, adapter)
@@ -71,7 +80,6 @@ def main(argv=None):
     images = ddim_sample(sd, prompts, negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance,
                          height=args.height or default_size, width=args.width or default_size, seed=args.seed,
                          batch_size=args.batch_size)
-    os.makedirs(args.out, exist_ok=True)
     for k, image in enumerate(images):
         save_png(image, os.path.join(args.out, f"{k:04d}-seed{args.seed + k}.png"))
     save_png(grid(images, columns=args.num_images if args.num_images > 1 else None), os.path.join(args.out, "grid.png"))

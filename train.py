@@ -7,24 +7,23 @@
 """
 import argparse
 import datetime
-import json
 import os
 
 import minisd
 from minisd.adapters import METHODS
-from minisd.cli import PRECISIONS, main_guard, pick_device
+from minisd.cli import (PRECISIONS, RUNS, ArgumentParser, check_data_root, check_finite, check_seed, check_steps,
+                        main_guard, pick_device, read_run_record, run_folder)
 from minisd.data import DATASETS
 from minisd.errors import MinisdError
 from minisd.training import Trainer
 
-RUNS = "runs"
 # The tiny model is the CPU demo: its defaults keep a run to a few minutes on a laptop while still
 # holding two SeLoRA tests at --expand-every 40 and no attention level at a single latent pixel.
 TINY_DEFAULTS = {"max_steps": 80, "resolution": 128, "val_max": 64}
 
 
-def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parser():
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=minisd.DEFAULT_MODEL, help="single .safetensors/.ckpt file, diffusers folder, hub id, or 'tiny'")
     p.add_argument("--data", default="phantom", choices=sorted(DATASETS))
     p.add_argument("--data-root", help="data folder (default data/<name>)")
@@ -57,11 +56,30 @@ def parse_args(argv):
     p.add_argument("--run-name", help=f"folder under {RUNS}/ (default DATA-METHOD-TIME)")
     p.add_argument("--resume", nargs="?", const="", metavar="NAME",
                    help="continue runs/NAME (default --run-name, else the latest run) from its checkpoint")
-    return p.parse_args(argv)
+    return p
+
+
+# What a resumed run may change: where it runs, not what it computes.
+RESUME_FLAGS = {"resume", "run_name", "device", "workers"}
+
+
+def parse_args(argv):
+    """The arguments, and the names of those given on the command line (not left at their defaults)."""
+    p = parser()
+    unset = object()
+    args = p.parse_args(argv, namespace=argparse.Namespace(**{k: unset for k in vars(p.parse_args([]))}))
+    given = {k for k, v in vars(args).items() if v is not unset}
+    for k, v in vars(p.parse_args([])).items():
+        if k not in given:
+            setattr(args, k, v)
+    return args, given
 
 
 def check(args):
-    positive = ["rank", "expand_every", "fisher_window", "epochs", "batch_size", "grad_accum", "resolution", "save_every", "val_steps"]
+    if args.resolution is not None and args.resolution < 1:   # checked before 224 fills in for None
+        raise MinisdError(f"--resolution must be at least 1, got {args.resolution}")
+    args.resolution = args.resolution or 224
+    positive = ["rank", "expand_every", "fisher_window", "epochs", "batch_size", "grad_accum", "resolution", "save_every"]
     for name in positive + (["max_steps"] if args.max_steps is not None else []) + (["max_rank"] if args.max_rank is not None else []) \
             + (["val_max"] if args.val_max is not None else []):
         if getattr(args, name) < 1:
@@ -70,8 +88,10 @@ def check(args):
         raise MinisdError(f"--resolution must be a multiple of 8, got {args.resolution}")
     if not 0.0 <= args.cfg_dropout <= 1.0:
         raise MinisdError(f"--cfg-dropout is a probability, got {args.cfg_dropout}")
-    if args.lr <= 0 or args.alpha <= 0 or args.lam <= 0:
-        raise MinisdError("--lr, --alpha and --lambda must be positive")
+    for flag, value in (("--lr", args.lr), ("--alpha", args.alpha), ("--lambda", args.lam)):
+        check_finite(flag, value, positive=True)
+    check_seed("--seed", args.seed)
+    check_steps("--val-steps", args.val_steps)
     if args.workers is not None and args.workers < 0:
         raise MinisdError(f"--workers must be 0 or more, got {args.workers}")
     if args.val_images < 0:
@@ -92,16 +112,27 @@ def latest_run():
 
 @main_guard
 def main(argv=None):
-    args = parse_args(argv)
+    args, given = parse_args(argv)
     if args.resume is not None:
+        if args.resume and args.run_name and args.resume != args.run_name:
+            raise MinisdError(f"--resume {args.resume} and --run-name {args.run_name} name different runs")
         name = args.resume or args.run_name or latest_run()
-        record = os.path.join(RUNS, name, "args.json")
-        if not os.path.exists(record):
-            raise MinisdError(f"--resume {name}: {record} not found")
-        with open(record) as f:
-            saved = json.load(f)
+        folder = run_folder("--resume", name)
+        try:
+            saved = read_run_record(folder, required=[k for k in vars(args) if k != "resume"])
+        except MinisdError as e:
+            raise MinisdError(f"--resume {name}: {e}") from None
+        changed = sorted(k for k in given - RESUME_FLAGS if getattr(args, k) != saved[k])
+        if changed:
+            flag = changed[0]
+            raise MinisdError(f"--resume continues a run with its recorded arguments: --{flag.replace('_', '-')} "
+                              f"{getattr(args, flag)} differs from the run's {saved[flag]} (only --device and --workers can change)")
         device, workers = args.device, args.workers
         args = argparse.Namespace(**saved)
+        try:
+            check(args)
+        except (MinisdError, TypeError) as e:   # a hand-edited value out of range or of the wrong type
+            raise MinisdError(f"--resume {name}: {os.path.join(folder, 'args.json')}: {e}") from None
         args.device = pick_device(device)
         args.workers = default_workers(args.device) if workers is None else workers
         resume = True
@@ -109,14 +140,14 @@ def main(argv=None):
         for name, value in TINY_DEFAULTS.items():
             if args.model == "tiny" and getattr(args, name) is None:
                 setattr(args, name, value)
-        args.resolution = args.resolution or 224
         check(args)
+        check_data_root(args.data, args.data_root)
         args.data_root = args.data_root or os.path.join("data", args.data)
         args.run_name = args.run_name or f"{args.data}-{args.method}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
         args.device = pick_device(args.device)
         args.workers = default_workers(args.device) if args.workers is None else args.workers
         resume = False
-    path = os.path.join(RUNS, args.run_name)
+    path = run_folder("--run-name", args.run_name)
     if not resume and os.path.exists(os.path.join(path, "checkpoint.pt")):
         raise MinisdError(f"{path} already holds a run: continue it with --resume {args.run_name} or pick another --run-name")
     record = {k: v for k, v in vars(args).items() if k != "resume"}

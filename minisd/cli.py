@@ -1,5 +1,11 @@
 """What every script shares: bad input is one `error:` line and exit status 2, never a traceback."""
+import argparse
+import contextlib
 import functools
+import json
+import math
+import os
+import re
 import sys
 import warnings
 
@@ -8,6 +14,16 @@ import torch
 from .errors import MinisdError
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+RUNS = "runs"
+SEED_MAX = 2**32 - 1   # numpy's range; seed * 100003 + epoch (train.py's shuffles) stays within torch's
+MAX_STEPS = 1000       # DDIM steps: at most one per training timestep
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, with a flag it cannot parse reported as the same one `error:` line as any other bad input."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
 def main_guard(main):
@@ -17,7 +33,10 @@ def main_guard(main):
         try:
             return main(argv)
         except MinisdError as e:
-            print(f"error: {e}", file=sys.stderr)
+            print("error: " + " ".join(line.strip() for line in str(e).splitlines() if line.strip()), file=sys.stderr)
+            sys.exit(2)
+        except OSError as e:   # a file the user named cannot be written or read: disk full, no permission, ...
+            print(f"error: {e.filename}: {e.strerror}" if e.filename else f"error: {e}", file=sys.stderr)
             sys.exit(2)
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
@@ -28,6 +47,97 @@ def main_guard(main):
 def pick_device(name="auto"):
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    match = re.fullmatch(r"cpu|cuda(?::(\d+))?", name)
+    if not match:
+        raise MinisdError(f"--device {name}: expected auto, cpu, cuda or cuda:N")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise MinisdError(f"--device {name}: CUDA is not available on this machine")
+    if match.group(1) and int(match.group(1)) >= torch.cuda.device_count():
+        raise MinisdError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return name
+
+
+def warn_half_precision_on_cpu(precision, device):
+    if precision != "fp32" and not device.startswith("cuda"):
+        warnings.warn(f"--precision {precision} on the CPU is usually many times slower than fp32; it pays off on a GPU")
+
+
+# ------------------------------------------------------------------------------------------- flag values
+
+def check(ok, flag, value, what):
+    """An error naming the flag and its value unless `ok`."""
+    if not ok:
+        raise MinisdError(f"{flag} must be {what}, got {value}")
+
+
+def check_seed(flag, value):
+    check(0 <= value <= SEED_MAX, flag, value, f"between 0 and {SEED_MAX}")
+
+
+def check_finite(flag, value, positive=False):
+    check(math.isfinite(value) and (value > 0 or not positive), flag, value,
+          "a positive finite number" if positive else "a finite number")
+
+
+def check_steps(flag, value):
+    check(1 <= value <= MAX_STEPS, flag, value, f"between 1 and {MAX_STEPS}")
+
+
+def check_pixels(flag, value):
+    check(value >= 8 and value % 8 == 0, flag, value, "a positive multiple of 8")
+
+
+def check_data_root(data, root):
+    """--data-root with the built-in phantom would be ignored: the user surely meant another --data."""
+    if data == "phantom" and root is not None:
+        raise MinisdError(f"--data-root {root}: the phantom data set is built in and reads no folder "
+                          f"(for files, give --data iuxray, montgomery or folder)")
+
+
+# ------------------------------------------------------------------------------------------- files
+
+def output_folder(flag, path):
+    """Make the folder `path` (and its parents) before any work is done, or say why it cannot be."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise MinisdError(f"{flag} {path}: is a file, expected a folder")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise MinisdError(f"{flag} {path}: cannot make the folder ({e.strerror})") from None
+    return path
+
+
+@contextlib.contextmanager
+def output_file(path):
+    """Around the writing of the file `path`: a folder in its place, or a write that fails, is one line naming it."""
+    if os.path.isdir(path):
+        raise MinisdError(f"{path}: is a folder, expected a file name")
+    try:
+        yield
+    except OSError as e:
+        raise MinisdError(f"{path}: cannot write ({e.strerror or e})") from None
+
+
+def run_folder(flag, name):
+    """runs/NAME: a run is named by its folder name under runs/, never by a path that could leave it."""
+    if not name or name in (".", "..") or os.sep in name or (os.altsep and os.altsep in name):
+        raise MinisdError(f"{flag} {name!r}: a run name is one folder name under {RUNS}/, not a path")
+    return os.path.join(RUNS, name)
+
+
+def read_run_record(folder, required=()):
+    """A run's args.json as a dict, with the `required` keys present."""
+    path = os.path.join(folder, "args.json")
+    if not os.path.isfile(path):
+        raise MinisdError(f"{path} not found")
+    try:
+        with open(path, encoding="utf-8") as f:
+            record = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise MinisdError(f"{path}: cannot read ({e})") from None
+    if not isinstance(record, dict):
+        raise MinisdError(f"{path}: not a JSON object of run arguments")
+    missing = [key for key in required if key not in record]
+    if missing:
+        raise MinisdError(f"{path}: {', '.join(map(repr, missing))} not recorded")
+    return record

@@ -212,13 +212,17 @@ def present(value):
 
 def read_csv(path, required):
     """Rows of a csv file as dicts, or None for a row with too few or too many fields."""
-    with open(path, newline="", encoding="utf-8", errors="replace") as f:
+    # utf-8-sig: spreadsheet programs start their UTF-8 csv files with a byte-order mark
+    with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
         reader = csv.DictReader(f)
-        columns = reader.fieldnames or []
-        missing = [column for column in required if column not in columns]
-        if missing:
-            raise MinisdError(f"{path}: no column {', '.join(missing)} (it has {', '.join(columns) or 'none'})")
-        return [None if None in row or None in row.values() else row for row in reader]
+        try:
+            columns = reader.fieldnames or []
+            missing = [column for column in required if column not in columns]
+            if missing:
+                raise MinisdError(f"{path}: no column {', '.join(missing)} (it has {', '.join(columns) or 'none'})")
+            return [None if None in row or None in row.values() else row for row in reader]
+        except csv.Error as e:   # a quoting error or a field over the csv module's size limit stops the reader
+            raise MinisdError(f"{path}: line {reader.reader.line_num}: {e}") from None
 
 
 def read_iuxray(root):
@@ -303,11 +307,11 @@ def read_folder(root):
         rows = read_csv(path, ("file_name", "text"))
     else:
         rows = []
-        for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        for number, line in enumerate(path.read_text(encoding="utf-8-sig", errors="replace").splitlines(), 1):
             if line.strip():
                 try:
                     row = json.loads(line)
-                except json.JSONDecodeError:
+                except (ValueError, RecursionError):   # not JSON, an over-long number, or nested too deep
                     row = None
                 valid = isinstance(row, dict) and isinstance(row.get("file_name"), str)
                 rows.append(row if valid and isinstance(row.get("text"), (str, type(None))) else None)

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from . import metrics
-from .cli import PRECISIONS
+from .cli import PRECISIONS, read_run_record
 from .errors import MinisdError
 from .images import grid, save_png
 from .inception import RESIZE_MODE, load_inception, sha256_file, weights_path
@@ -54,9 +54,16 @@ class Evaluator:
         if pairs:
             ssim = [metrics.ssim(r, f) for r, f in pairs]
             psnr = [metrics.psnr(r, f) for r, f in pairs]
-            result["ssim"] = {"mean": float(np.mean(ssim)), "std": float(np.std(ssim)), "pairs": len(pairs)}
-            result["psnr"] = {"mean": float(np.mean(psnr)), "std": float(np.std(psnr)), "pairs": len(pairs)}
+            result["ssim"] = {**mean_std(ssim), "pairs": len(pairs)}
+            result["psnr"] = {**mean_std(psnr), "pairs": len(pairs)}
         return result
+
+
+def mean_std(values):
+    """Mean and std (ddof=0); equal values have std 0, also when they are inf (PSNR of identical images)."""
+    if all(v == values[0] for v in values):
+        return {"mean": float(values[0]), "std": 0.0}
+    return {"mean": float(np.mean(values)), "std": float(np.std(values))}
 
 
 def read_prompts(path, n_images):
@@ -105,11 +112,8 @@ def latest_run(runs="runs"):
     if not records:
         raise MinisdError(f"no run in {runs}/ to evaluate: pass --real DIR --fake DIR, or --data NAME "
                           f"[--model M --adapter A], or train one with train.py")
-    record = records[-1]
-    try:
-        return record.parent, json.loads(record.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise MinisdError(f"{record}: cannot read ({e})") from None
+    run = records[-1].parent
+    return run, read_run_record(run, required=("model", "data"))
 
 
 def evaluate_model(args, device):

@@ -6,6 +6,7 @@ core: ΔW = Q_B (R_B R_Aᵀ) Q_Aᵀ, and the SVD of the core, R_B R_Aᵀ = U_c �
 U = Q_B U_c, V = Q_A V_c. The dense ΔW of a layer is never formed. Keep the smallest k whose σ² reach the
 energy fraction v of Σσ² (or a fixed k) and write B = U_k √Σ_k, A = √Σ_k V_kᵀ with scale 1.
 """
+import math
 import warnings
 
 import torch
@@ -68,6 +69,8 @@ def merge_adapters(paths, out, weights=None, energy=None, rank=None):
     weights = [1 / len(paths)] * len(paths) if weights is None else [float(w) for w in weights]
     if len(weights) != len(paths):
         raise MinisdError(f"--weights: {len(weights)} value(s) for {len(paths)} adapter(s)")
+    if not all(math.isfinite(w) for w in weights):
+        raise MinisdError(f"--weights must be finite numbers, got {' '.join(map(str, weights))}")
     sources = [read_pairs(path) for path in paths]
     if len({meta["fingerprint"] for _, meta in sources}) > 1:
         warnings.warn("the adapters were trained on different base models (their fingerprints differ)")

@@ -25,6 +25,8 @@ from .plots import rank_heatmap
 from .sampling import add_noise, alphas_cumprod, ddim_sample
 
 AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+CHECKPOINT_KEYS = ("step", "trainable", "optimizer", "scaler", "generator", "torch_rng", "best_val", "rank_history",
+                   "controller")
 
 
 class Run:
@@ -121,6 +123,7 @@ class Trainer:
         self.summary = adapters.inject(self.sd, args.method, rank=args.rank, alpha=args.alpha, convs=args.convs,
                                        text_encoder=not args.freeze_text_encoder)
         self.layers = adapters.adapted_layers(self.sd)
+        self.fingerprint = adapters.fingerprint(self.sd)   # of the base weights: a resumed run must have the same
 
         self.train_set = load_dataset(args.data, args.data_root, "train", args.resolution, args.seed)
         self.val_set = load_dataset(args.data, args.data_root, "val", args.resolution, args.seed) if "val" in self.train_set.splits else None
@@ -280,31 +283,55 @@ class Trainer:
     def save_checkpoint(self):
         if not self.run.writer:
             return
-        state = {"step": self.step, "trainable": trainable_state(self.sd), "optimizer": self.optimizer.state_dict(),
+        state = {"method": self.args.method, "fingerprint": self.fingerprint, "step": self.step,
+                 "trainable": trainable_state(self.sd), "optimizer": self.optimizer.state_dict(),
                  "scaler": self.scaler.state_dict(), "generator": self.generator.get_state(),
                  "torch_rng": torch.get_rng_state(), "best_val": self.best_val, "rank_history": self.rank_history,
                  "controller": self.controller.state_dict() if self.controller is not None else None}
         atomic_torch_save(state, self.run.file("checkpoint.pt"))
 
     def load_checkpoint(self):
+        """Restore the state of a stopped run, after checking that it is this run's: same method, same
+        base model, the same adapted parameters (at the checkpoint's ranks)."""
         path = self.run.file("checkpoint.pt")
         if not os.path.exists(path):
             raise MinisdError(f"--resume: {path} not found (the run has not saved a checkpoint yet)")
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
-            raise MinisdError(f"--resume: {path} cannot be read ({str(e).splitlines()[0]})") from None
+            reason = str(e).split(". ")[0].splitlines()[0] if str(e) else type(e).__name__
+            raise MinisdError(f"--resume: {path} cannot be read, it is damaged or not from train.py ({reason})") from None
+        missing = [k for k in CHECKPOINT_KEYS if k not in state] if isinstance(state, dict) else ["step"]
+        if missing:
+            raise MinisdError(f"--resume: {path} is not a training checkpoint (no {missing[0]!r})")
+        saved = state["controller"]
+        kind = None if saved is None else "selora" if isinstance(saved, dict) and "layers" in saved else "adalora"
+        wanted = self.args.method if self.controller is not None else None   # the methods with a controller state
+        if state.get("method", self.args.method) != self.args.method or kind != wanted:
+            raise MinisdError(f"--resume: {path} holds the state of a {state.get('method') or 'different'} run, "
+                              f"not of a {self.args.method} run")
+        if state.get("fingerprint", self.fingerprint) != self.fingerprint:
+            raise MinisdError(f"--resume: {path} was written for another base model than {self.args.model}")
+        trainable = {name for name, p in self.sd.named_parameters() if p.requires_grad}
+        unmatched = sorted(trainable ^ set(state["trainable"]))
+        if unmatched:
+            where = "the checkpoint" if unmatched[0] in trainable else "this model"
+            raise MinisdError(f"--resume: {path}: adapter parameter {unmatched[0]} is missing from {where}")
         if state["controller"] is not None:
             self.controller.load_state_dict(state["controller"])   # SeLoRA: resizes layers to their saved ranks
         params = dict(self.sd.named_parameters())
         for name, value in state["trainable"].items():
-            if name not in params:
-                raise MinisdError(f"--resume: checkpoint parameter {name} does not exist in this model")
+            if value.shape != params[name].shape:
+                raise MinisdError(f"--resume: {path}: {name} has shape {list(value.shape)}, "
+                                  f"this model's is {list(params[name].shape)}")
             params[name].data = value.to(self.device)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scaler.load_state_dict(state["scaler"])
-        self.generator.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scaler.load_state_dict(state["scaler"])
+            self.generator.set_state(state["generator"])
+            torch.set_rng_state(state["torch_rng"])
+        except (KeyError, ValueError, TypeError, RuntimeError) as e:
+            raise MinisdError(f"--resume: {path}: optimizer or random state does not fit this run ({e})") from None
         self.step, self.best_val, self.rank_history = state["step"], state["best_val"], state["rank_history"]
 
     # ------------------------------------------------------------------------------------ loop
