@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from minisd.checkpoint import read_tensors
 from minisd.errors import MinisdError
 
 WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
@@ -237,12 +238,7 @@ def sha256_file(path):
 def load_inception(path=None, device="cpu"):
     """FIDInception with the weights at `path` (or cached / downloaded), in eval mode on `device`."""
     path = weights_path(path)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise MinisdError(f"{path}: cannot read FID Inception weights ({type(e).__name__}: {e})") from None
-    if not isinstance(state, dict):
-        raise MinisdError(f"{path}: not a state dict of FID Inception weights")
+    state = read_tensors(str(path))
     net = FIDInception()
     own = net.state_dict()
     # the classifier is not used for features; files from older torch lack num_batches_tracked

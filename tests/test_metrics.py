@@ -221,6 +221,21 @@ def test_missing_inception_weights_offline_names_file_and_url(tmp_path, monkeypa
         inception.load_inception(tmp_path / "nope.pth")
 
 
+@pytest.mark.parametrize("content, message", [
+    (b"not weights\n", "not a readable PyTorch checkpoint"),
+    (None, "missing key Conv2d_1a_3x3.conv.weight"),   # a state dict, of something else
+])
+def test_wrong_inception_weights_are_one_line(tmp_path, content, message):
+    path = tmp_path / "weights.pth"
+    if content is None:
+        torch.save({"layer.weight": torch.zeros(2)}, path)
+    else:
+        path.write_bytes(content)
+    with pytest.raises(MinisdError, match=message) as e:
+        inception.load_inception(path)
+    assert "\n" not in str(e.value) and str(path) in str(e.value)
+
+
 def test_weights_come_from_the_cache_folder(setup, tmp_path, monkeypatch):
     monkeypatch.setenv("MINISD_CACHE", str(tmp_path))
     (tmp_path / inception.WEIGHTS_FILE).write_bytes(setup["weights"].read_bytes())
