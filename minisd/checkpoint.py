@@ -4,12 +4,13 @@ The model's module tree uses the original (CompVis) names, so a single file load
 prefixes. Diffusers names are derived from ours by a few rules (`to_diffusers_name`), applied to every
 key of the model, so one table serves both reading and writing.
 """
+import contextlib
 import json
 import os
 import re
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .config import ModelConfig, TextConfig, UNetConfig, VAEConfig
@@ -126,12 +127,20 @@ def read_json(path, missing):
 
 
 def atomic_save(tensors, path, metadata=None):
-    """Write a .safetensors file through a temporary file and a rename, making its folder if needed."""
+    """Write a .safetensors file through a temporary file and a rename, making its folder if needed; a
+    path that cannot be written is one error naming it, and leaves no temporary file behind."""
     path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    if os.path.isdir(path):
+        raise MinisdError(f"{path}: is a folder, expected a file name")
     tmp = f"{path}.tmp{os.getpid()}"
-    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-    os.replace(tmp, path)
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except (OSError, SafetensorError) as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise MinisdError(f"{path}: cannot write ({getattr(e, 'strerror', None) or first_line(e)})") from None
 
 
 # ------------------------------------------------------------------------------------ name mapping

@@ -1,6 +1,5 @@
 """What every script shares: bad input is one `error:` line and exit status 2, never a traceback."""
 import argparse
-import contextlib
 import functools
 import json
 import math
@@ -105,17 +104,6 @@ def output_folder(flag, path):
     except OSError as e:
         raise MinisdError(f"{flag} {path}: cannot make the folder ({e.strerror})") from None
     return path
-
-
-@contextlib.contextmanager
-def output_file(path):
-    """Around the writing of the file `path`: a folder in its place, or a write that fails, is one line naming it."""
-    if os.path.isdir(path):
-        raise MinisdError(f"{path}: is a folder, expected a file name")
-    try:
-        yield
-    except OSError as e:
-        raise MinisdError(f"{path}: cannot write ({e.strerror or e})") from None
 
 
 def run_folder(flag, name):

@@ -19,7 +19,6 @@ from . import checkpoint
 from .adapters import load_adapter, merge, read_adapter
 from .adapters.inject import PARTS
 from .checkpoint import PREFIXES, atomic_save, to_diffusers_name
-from .cli import output_file
 from .config import CONFIGS
 from .errors import MinisdError
 
@@ -85,9 +84,8 @@ def export_kohya(adapter_path, out):
         tensors[f"{key}.lora_up.weight"] = as_conv(B * (A.shape[0] / common), is_conv)
         tensors[f"{key}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
     dim = str(common) if len(set(ranks)) == 1 else "Dynamic"   # what kohya's resize_lora.py writes for per-layer ranks
-    with output_file(out):
-        atomic_save(tensors, out, {"ss_network_module": "networks.lora", "ss_network_dim": dim,
-                                   "ss_network_alpha": str(alpha), "minisd_method": meta["method"]})
+    atomic_save(tensors, out, {"ss_network_module": "networks.lora", "ss_network_dim": dim,
+                               "ss_network_alpha": str(alpha), "minisd_method": meta["method"]})
     return out
 
 
@@ -117,9 +115,8 @@ def export_diffusers(adapter_path, out):
     if not out.endswith(".safetensors") and os.path.isfile(out):
         raise MinisdError(f"{out}: is a file; the diffusers export goes into a folder (or a name ending in .safetensors)")
     path = out if out.endswith(".safetensors") else os.path.join(out, DIFFUSERS_WEIGHT_NAME)
-    with output_file(path):
-        atomic_save(tensors, path, {"format": "pt", "lora_adapter_metadata": json.dumps(config, sort_keys=True),
-                                    "minisd_method": meta["method"]})
+    atomic_save(tensors, path, {"format": "pt", "lora_adapter_metadata": json.dumps(config, sort_keys=True),
+                                "minisd_method": meta["method"]})
     return path
 
 
@@ -127,7 +124,5 @@ def fold(sd, adapter_path, out, dtype=None):
     """Fold the adapter into sd's weights (sd is changed) and save a complete original-layout single file."""
     load_adapter(sd, adapter_path)
     merge(sd)
-    with output_file(out):
-        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        checkpoint.save_single_file(sd, str(out), dtype)
+    checkpoint.save_single_file(sd, str(out), dtype)
     return out

@@ -15,7 +15,6 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from ..checkpoint import PREFIXES, atomic_save
-from ..cli import output_file
 from ..errors import MinisdError
 from .inject import METHODS, PARTS, adaptable, adapted_layers, freeze, replace_module
 from .lora import AdapterLayer, LoRALinear
@@ -70,8 +69,7 @@ def write_adapter(path, tensors, method, alpha, scale, ranks, base_fingerprint, 
         "rank_history": json.dumps(rank_history or []),
         **{key: json.dumps(value) for key, value in extra.items()},
     }
-    with output_file(path):
-        atomic_save(tensors, path, metadata)
+    atomic_save(tensors, path, metadata)
 
 
 def read_adapter(path):
