@@ -140,3 +140,33 @@ def test_sd15_architecture_is_read_off_an_original_file():
     tensors["alphas_cumprod"] = torch.zeros(1000)
     parts = checkpoint.split_single_file(tensors, "v1-5-pruned-emaonly.safetensors")
     assert checkpoint.infer_config(parts) == CONFIGS["sd15"]
+
+
+@pytest.fixture(scope="module", params=["safetensors", "bin", "sharded"])
+def saved_by_diffusers(request, written, reference, tmp_path_factory):
+    """The reference modules saved by diffusers' StableDiffusionPipeline.save_pretrained, as a user's folder is."""
+    diffusers = pytest.importorskip("diffusers")
+    transformers = pytest.importorskip("transformers")
+    ours = written[1] / "diffusers"
+    pipe = diffusers.StableDiffusionPipeline(
+        vae=reference["vae"], text_encoder=reference["text_encoder"], unet=reference["unet"],
+        tokenizer=transformers.CLIPTokenizer.from_pretrained(ours / "tokenizer"),
+        scheduler=diffusers.DDIMScheduler.from_pretrained(ours / "scheduler"),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    folder = tmp_path_factory.mktemp(request.param)
+    options = {"safe_serialization": request.param != "bin"}
+    if request.param == "sharded":
+        options["max_shard_size"] = "300KB"
+    pipe.save_pretrained(folder, **options)
+    return request.param, folder
+
+
+def test_folders_saved_by_diffusers_load_exactly(written, saved_by_diffusers):
+    kind, folder = saved_by_diffusers
+    if kind == "sharded":
+        assert len(list(folder.glob("*/*.index.json"))) == 3
+    loaded = minisd.load(folder)
+    sd, _ = written
+    assert loaded.config == sd.config
+    for (name, a), (_, b) in zip(sd.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name
