@@ -58,3 +58,23 @@ def test_guided_sampling_is_seeded_and_batch_independent():
     b = ddim_sample(sd, ["b"], steps=3, height=32, width=32, seed=4, batch_size=1, progress=False)
     assert a.shape == (2, 3, 32, 32) and 0 <= a.min() and a.max() <= 1
     assert rel_err(a[1], b[0]) < 1e-5
+
+
+@pytest.mark.parametrize("guidance", [7.5, 1.0])
+def test_images_equal_the_diffusers_pipeline(tmp_path, guidance):
+    """Text to image end to end: the same weights, prompt and seed give diffusers' StableDiffusionPipeline image."""
+    diffusers = pytest.importorskip("diffusers")
+    from minisd import checkpoint
+    from minisd.sampling import ddim_sample
+    from helpers import random_model
+    sd = random_model("tiny")
+    checkpoint.save_diffusers(sd, str(tmp_path))
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(tmp_path, safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    prompt = "frontal chest x-ray, small right pleural effusion"
+    with torch.no_grad():
+        theirs = pipe(prompt, num_inference_steps=4, guidance_scale=guidance, height=64, width=48,
+                      generator=torch.Generator().manual_seed(11), output_type="pt").images
+    ours = ddim_sample(sd, [prompt], steps=4, guidance=guidance, height=64, width=48, seed=11, progress=False)
+    assert ours.shape == theirs.shape == (1, 3, 64, 48)
+    assert rel_err(ours, theirs) < 1e-4
