@@ -34,6 +34,7 @@ __global__ void __launch_bounds__(kThreads) run_outer_kernel(
     const scalar_t* __restrict__ P, const scalar_t* __restrict__ Q, const scalar_t* __restrict__ extra,
     acc_t* __restrict__ partial, int n, int q_main, int T, int run_len, int runs, int q_groups) {
   __shared__ acc_t tile[kWarps][QPT][kTile];
+  static_assert(sizeof(tile) <= 48 * 1024, "a block's static shared memory is limited to 48 KiB");
   const int q = q_main + (extra != nullptr);
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int q_group = warp % q_groups, token_group = warp / q_groups, token_groups = kWarps / q_groups;

@@ -51,9 +51,14 @@ inline int cudaDeviceGetAttribute(int* value, cudaDeviceAttr, int) {
 // runs every block in turn, all meeting at a barrier after each: the next block reuses the shared memory.
 template <typename Kernel, typename... Args>
 void emulate_launch(dim3 grid, dim3 block, size_t, cudaStream_t, Kernel kernel, Args... args) {
+  const unsigned threads = block.x * block.y * block.z;
+  // What the device would refuse to launch (cudaErrorInvalidConfiguration).
+  TORCH_CHECK(threads >= 1 && threads <= 1024 && block.z <= 64, "emulated launch: invalid block (", block.x, ", ",
+              block.y, ", ", block.z, ")");
+  TORCH_CHECK(grid.x >= 1 && grid.x <= 2147483647u && grid.y >= 1 && grid.y <= 65535 && grid.z >= 1 && grid.z <= 65535,
+              "emulated launch: invalid grid (", grid.x, ", ", grid.y, ", ", grid.z, ")");
   gridDim = grid;
   blockDim = block;
-  const unsigned threads = block.x * block.y * block.z;
   std::barrier<> barrier(threads);
   block_barrier = &barrier;
   std::vector<std::thread> pool;
