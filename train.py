@@ -66,12 +66,11 @@ RESUME_FLAGS = {"resume", "run_name", "device", "workers"}
 def parse_args(argv):
     """The arguments, and the names of those given on the command line (not left at their defaults)."""
     p = parser()
-    unset = object()
-    args = p.parse_args(argv, namespace=argparse.Namespace(**{k: unset for k in vars(p.parse_args([]))}))
+    defaults, unset = vars(p.parse_args([])), object()
+    args = p.parse_args(argv, namespace=argparse.Namespace(**dict.fromkeys(defaults, unset)))
     given = {k for k, v in vars(args).items() if v is not unset}
-    for k, v in vars(p.parse_args([])).items():
-        if k not in given:
-            setattr(args, k, v)
+    for k in defaults.keys() - given:
+        setattr(args, k, defaults[k])
     return args, given
 
 

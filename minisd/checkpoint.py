@@ -115,7 +115,7 @@ def read_json(path, missing):
     if not os.path.exists(path):
         raise MinisdError(f"{path}: missing ({missing})")
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             data = json.load(f)
     except OSError as e:
         raise MinisdError(f"{path}: cannot be read ({e.strerror or first_line(e)})") from None

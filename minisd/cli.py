@@ -1,7 +1,6 @@
 """What every script shares: bad input is one `error:` line and exit status 2, never a traceback."""
 import argparse
 import functools
-import json
 import math
 import os
 import re
@@ -10,6 +9,7 @@ import warnings
 
 import torch
 
+from .checkpoint import read_json
 from .errors import MinisdError
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -116,15 +116,7 @@ def run_folder(flag, name):
 def read_run_record(folder, required=()):
     """A run's args.json as a dict, with the `required` keys present."""
     path = os.path.join(folder, "args.json")
-    if not os.path.isfile(path):
-        raise MinisdError(f"{path} not found")
-    try:
-        with open(path, encoding="utf-8") as f:
-            record = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise MinisdError(f"{path}: cannot read ({e})") from None
-    if not isinstance(record, dict):
-        raise MinisdError(f"{path}: not a JSON object of run arguments")
+    record = read_json(path, "train.py records every run's arguments there")
     missing = [key for key in required if key not in record]
     if missing:
         raise MinisdError(f"{path}: {', '.join(map(repr, missing))} not recorded")

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import adapters
+from .checkpoint import first_line
 from .data import load_dataset, summary
 from .errors import MinisdError
 from .images import grid, save_png
@@ -299,8 +300,7 @@ class Trainer:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
-            reason = str(e).split(". ")[0].splitlines()[0] if str(e) else type(e).__name__
-            raise MinisdError(f"--resume: {path} cannot be read, it is damaged or not from train.py ({reason})") from None
+            raise MinisdError(f"--resume: {path} cannot be read, it is damaged or not from train.py ({first_line(e)})") from None
         missing = [k for k in CHECKPOINT_KEYS if k not in state] if isinstance(state, dict) else ["step"]
         if missing:
             raise MinisdError(f"--resume: {path} is not a training checkpoint (no {missing[0]!r})")

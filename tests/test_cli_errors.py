@@ -89,7 +89,7 @@ def test_train_flags(scripts, capsys, tmp_path, monkeypatch, argv, message):
 @pytest.mark.parametrize("argv, message", [
     (["--resume", "r", "--run-name", "s"], "--resume r and --run-name s name different runs"),
     (["--resume", "../r"], "--resume '../r': a run name is one folder name"),
-    (["--resume", "r"], "--resume r: runs/r/args.json: cannot read"),
+    (["--resume", "r"], "--resume r: runs/r/args.json: not valid JSON"),
 ])
 def test_train_resume_arguments(scripts, capsys, tmp_path, monkeypatch, argv, message):
     monkeypatch.chdir(tmp_path)
@@ -167,7 +167,7 @@ def test_eval_flags(scripts, capsys, tmp_path, monkeypatch, argv, message):
 def test_eval_latest_run_record_must_be_an_object(scripts, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     write_run(tmp_path, "5")
-    assert "runs/r/args.json: not a JSON object" in one_error_line(scripts, capsys, "eval", [])
+    assert "runs/r/args.json: holds a JSON int, expected an object" in one_error_line(scripts, capsys, "eval", [])
 
 
 # ------------------------------------------------------------------------------------------- library

@@ -143,7 +143,7 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
     (["--resolution", "100"], "--resolution must be a multiple of 8"),
     (["--data", "iuxray", "--data-root", "/nonexistent/iu"], "/nonexistent/iu"),
     (["--precision", "fp16", "--device", "cpu"], "fp16 needs a GPU"),
-    (["--resume", "nothing-here"], "runs/nothing-here/args.json not found"),
+    (["--resume", "nothing-here"], "runs/nothing-here/args.json: missing"),
     (["--model", "/no/such/model.safetensors"], "/no/such/model.safetensors"),
 ])
 def test_bad_input_is_one_line(tmp_path, args, expect):
