@@ -67,8 +67,8 @@ def input_sets(shape, batch, rank, dtype, device, count):
 
 def selora_step(forward, backward, fisher):
     def step(c):
-        y, u = forward(c.x, c.weight, c.bias, c.A, c.B, SCALE)
-        backward(c.g, c.x, c.weight, c.A, c.B, u, SCALE, c.n, c.K if fisher else None, True)
+        y, u = forward(c.x, c.weight, c.bias, c.A, c.B, SCALE, c.K if fisher else None)
+        backward(c.g, c.x, c.weight, c.A, c.B, u, SCALE, c.n, "sample" if fisher else None, True)
     return step
 
 

@@ -3,6 +3,8 @@
 // consecutive rows, W [out, in], A [r, in], B [out, r].
 //
 // Where the time goes is cuBLAS reading x, grad_y and W; everything else is arranged around that.
+//  * the candidate: while a layer tests one (Fisher tracking), its A row K rides along as row r of the
+//    forward's u = x [A; K]ᵀ product, so x is read once for both and p = x·K is u's last column.
 //  * forward: the reference makes three GEMMs and two passes over y (x Wᵀ + b, then + s·u Bᵀ).
 //    When M > in, folding the update into the weight, W' = W + s·B A (one [out, in] GEMM), makes y
 //    one GEMM with the bias in its epilogue; it adds 2·out·in of traffic and saves 2·M·out plus the
@@ -12,17 +14,20 @@
 //    plus a copy of x: strictly more traffic.
 //  * backward: grad_x = g W' by the same rule (fold when M > out, else g W then += s·v A), with
 //    v = g B [M, r] shared with grad A. Without a candidate, grad A = s vᵀ x and grad B = s gᵀ u are
-//    two GEMMs. With one, the per-sample kernel (selora.cu) reads g with [u | x·K] and x with v once
-//    each and yields grad B, F_B, F_new and grad A, F_A together, deterministically.
+//    two GEMMs. With one, `fisher` says which estimator: "batch" makes grad B and the candidate's
+//    G_new one GEMM gᵀ[u | p]; "sample" runs the per-sample kernel (selora.cu), which reads g with
+//    [u | p] and x with v once each and yields grad B, G_new, F_B, F_new and grad A, F_A together,
+//    deterministically.
 #include <torch/extension.h>
 #include <c10/cuda/CUDAGuard.h>
 
 #include <limits>
+#include <string>
 #include <sstream>
 #include <vector>
 
-void per_sample_grad_fisher(const at::Tensor& P, const at::Tensor& Q, const c10::optional<at::Tensor>& extra,
-                            int64_t samples, double scale, bool q_major, at::Tensor& grad, at::Tensor& fisher,
+void per_sample_grad_fisher(const at::Tensor& P, const at::Tensor& Q, int64_t q_main, int64_t samples, double scale,
+                            bool q_major, at::Tensor& grad, at::Tensor& fisher, const c10::optional<at::Tensor>& grad_extra,
                             const c10::optional<at::Tensor>& fisher_extra);
 
 namespace {
@@ -87,34 +92,40 @@ void linear_into(at::Tensor& out, const at::Tensor& x, const at::Tensor& w, cons
 std::tuple<at::Tensor, at::Tensor> selora_forward(const at::Tensor& x_in, const at::Tensor& weight_in,
                                                   const c10::optional<at::Tensor>& bias_in,
                                                   const at::Tensor& lora_A_in, const at::Tensor& lora_B_in,
-                                                  double scale) {
+                                                  double scale, const c10::optional<at::Tensor>& candidate_in) {
   const char* op = "selora_forward";
   const auto [x, weight, lora_A, lora_B, M, in, out, r] = checked_operands(op, x_in, weight_in, lora_A_in, lora_B_in);
   const c10::cuda::CUDAGuard guard(x.device());
   c10::optional<at::Tensor> bias;
   if (bias_in.has_value()) bias = operand(op, "bias", *bias_in, {out}, x);
 
-  at::Tensor u = new_output({M, r}, x.options());
-  at::mm_out(u, x, lora_A.t());
+  // u = x [A; K]ᵀ while a candidate is tested: one product reads x once for both.
+  const at::Tensor rows =
+      candidate_in.has_value() ? at::cat({lora_A, operand(op, "candidate", *candidate_in, {in}, x).unsqueeze(0)}) : lora_A;
+  at::Tensor u = new_output({M, rows.size(0)}, x.options());
+  at::mm_out(u, x, rows.t());
   at::Tensor y = new_output({M, out}, x.options());
   if (M > in) {
     linear_into(y, x, at::addmm(weight, lora_B, lora_A, 1, scale), bias);
   } else {
     linear_into(y, x, weight, bias);
-    y.addmm_(u, lora_B.t(), 1, scale);
+    y.addmm_(u.narrow(1, 0, r), lora_B.t(), 1, scale);
   }
   return {y, u};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> selora_backward(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> selora_backward(
     const at::Tensor& grad_y_in, const at::Tensor& x_in, const at::Tensor& weight_in, const at::Tensor& lora_A_in,
-    const at::Tensor& lora_B_in, const at::Tensor& u_in, double scale, int64_t n_samples,
-    const c10::optional<at::Tensor>& candidate_in, bool need_grad_x) {
+    const at::Tensor& lora_B_in, const at::Tensor& u_in, double scale, int64_t n_samples, const std::string& fisher,
+    bool need_grad_x) {
   const char* op = "selora_backward";
   const auto [x, weight, lora_A, lora_B, M, in, out, r] = checked_operands(op, x_in, weight_in, lora_A_in, lora_B_in);
   const c10::cuda::CUDAGuard guard(x.device());
+  TORCH_CHECK(fisher.empty() || fisher == "sample" || fisher == "batch", op, ": fisher must be \"\", \"sample\" or ",
+              "\"batch\", got \"", fisher, "\"");
+  const bool tracking = !fisher.empty();
   const at::Tensor grad_y = operand(op, "grad_y", grad_y_in, {M, out}, x);
-  const at::Tensor u = operand(op, "u", u_in, {M, r}, x);
+  const at::Tensor u = operand(op, "u", u_in, {M, r + tracking}, x);
   TORCH_CHECK(n_samples >= 1 && M % n_samples == 0, op, ": n_samples = ", n_samples, " does not divide the ", M,
               " rows of x");
 
@@ -131,22 +142,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   }
   at::Tensor grad_A = new_output({r, in}, x.options());
   at::Tensor grad_B = new_output({out, r}, x.options());
-  if (!candidate_in.has_value()) {
+  if (fisher != "sample") {
     grad_A.addmm_(v.t(), x, 0, scale);  // beta = 0: the poisoned contents are never read
-    grad_B.addmm_(grad_y.t(), u, 0, scale);
-    return {grad_x, grad_A, grad_B, at::Tensor(), at::Tensor(), at::Tensor()};
+    if (!tracking) {
+      grad_B.addmm_(grad_y.t(), u, 0, scale);
+      return {grad_x, grad_A, grad_B, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    }
+    const at::Tensor grad_B_new = at::mm(grad_y.t(), u).mul_(scale);  // [out, r + 1]: grad B and G_new
+    grad_B.copy_(grad_B_new.narrow(1, 0, r));
+    const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    return {grad_x, grad_A, grad_B, at::Tensor(), at::Tensor(), at::Tensor(), grad_B_new.select(1, r).to(acc)};
   }
 
-  const at::Tensor candidate = operand(op, "candidate", *candidate_in, {in}, x);
-  const at::Tensor projected = at::mv(x, candidate);  // p = x·K [M], the candidate's u column
   const auto fisher_options = x.options().dtype(x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
   at::Tensor fisher_A = new_output({r, in}, fisher_options);
   at::Tensor fisher_B = new_output({out, r}, fisher_options);
+  at::Tensor grad_new = new_output({out}, fisher_options);
   at::Tensor fisher_new_per_out = at::empty({out}, fisher_options);
-  per_sample_grad_fisher(grad_y, u, projected, n_samples, scale, /*q_major=*/false, grad_B, fisher_B,
+  per_sample_grad_fisher(grad_y, u, r, n_samples, scale, /*q_major=*/false, grad_B, fisher_B, grad_new,
                          fisher_new_per_out);
-  per_sample_grad_fisher(x, v, c10::nullopt, n_samples, scale, /*q_major=*/true, grad_A, fisher_A, c10::nullopt);
-  return {grad_x, grad_A, grad_B, fisher_A, fisher_B, fisher_new_per_out.sum()};
+  per_sample_grad_fisher(x, v, r, n_samples, scale, /*q_major=*/true, grad_A, fisher_A, c10::nullopt, c10::nullopt);
+  return {grad_x, grad_A, grad_B, fisher_A, fisher_B, fisher_new_per_out.sum(), grad_new};
 }
 
 }  // namespace
@@ -154,10 +170,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "Fused SeLoRA linear op (forward, backward with per-sample Fisher terms) for CUDA tensors.";
   m.def("forward", &selora_forward, "(y, u) = SeLoRA forward", py::arg("x"), py::arg("weight"), py::arg("bias"),
-        py::arg("lora_A"), py::arg("lora_B"), py::arg("scale"));
-  m.def("backward", &selora_backward, "(grad_x, grad_A, grad_B, fisher_A, fisher_B, fisher_new)", py::arg("grad_y"),
-        py::arg("x"), py::arg("weight"), py::arg("lora_A"), py::arg("lora_B"), py::arg("u"), py::arg("scale"),
-        py::arg("n_samples"), py::arg("candidate"), py::arg("need_grad_x"));
+        py::arg("lora_A"), py::arg("lora_B"), py::arg("scale"), py::arg("candidate"));
+  m.def("backward", &selora_backward, "(grad_x, grad_A, grad_B, fisher_A, fisher_B, fisher_new, grad_new)",
+        py::arg("grad_y"), py::arg("x"), py::arg("weight"), py::arg("lora_A"), py::arg("lora_B"), py::arg("u"),
+        py::arg("scale"), py::arg("n_samples"), py::arg("fisher"), py::arg("need_grad_x"));
   m.def("set_poison", [](bool on) { poison_outputs = on; },
         "Debug: fill every output with NaN before it is computed, so elements left unwritten show.",
         py::arg("on"));

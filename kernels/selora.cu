@@ -1,7 +1,8 @@
 // Per-sample gradients and their Fisher sums for the fused SeLoRA op (selora.cpp drives the whole op).
 //
-// Both Fisher reductions have one shape. With P [M, n] (grad_y or x), Q [M, q] (u with the candidate
-// projection p = x·K appended, or v = grad_y·B) and the M rows grouped into N samples of T tokens:
+// Both Fisher reductions have one shape. With P [M, n] (grad_y or x), Q [M, q] (u = x [A; K]ᵀ, whose
+// last column is the candidate's projection p = x·K, or v = grad_y·B) and the M rows grouped into N
+// samples of T tokens:
 //     G_i = s · Σ_t P[i,t]ᵀ ⊗ Q[i,t]      [n, q], the gradient of sample i
 //     grad = Σ_i G_i,   fisher = Σ_i G_i ⊙ G_i
 // The sum over t runs on chip: a block holds a 64-column tile of P for one run of one sample's tokens
@@ -31,11 +32,10 @@ template <> struct Acc<double> { using type = double; };
 // and every (8 / q_groups)-th token of the run; the token groups are added in shared memory.
 template <typename scalar_t, typename acc_t, int QPT>
 __global__ void __launch_bounds__(kThreads) run_outer_kernel(
-    const scalar_t* __restrict__ P, const scalar_t* __restrict__ Q, const scalar_t* __restrict__ extra,
-    acc_t* __restrict__ partial, int n, int q_main, int T, int run_len, int runs, int q_groups) {
+    const scalar_t* __restrict__ P, const scalar_t* __restrict__ Q, acc_t* __restrict__ partial, int n, int q,
+    int T, int run_len, int runs, int q_groups) {
   __shared__ acc_t tile[kWarps][QPT][kTile];
   static_assert(sizeof(tile) <= 48 * 1024, "a block's static shared memory is limited to 48 KiB");
-  const int q = q_main + (extra != nullptr);
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int q_group = warp % q_groups, token_group = warp / q_groups, token_groups = kWarps / q_groups;
   const int c0 = blockIdx.x * kTile + lane, c1 = c0 + 32;
@@ -55,9 +55,7 @@ __global__ void __launch_bounds__(kThreads) run_outer_kernel(
 #pragma unroll
     for (int k = 0; k < QPT; ++k) {
       const int j = j0 + k;
-      acc_t qv = acc_t(0);
-      if (j < q_main) qv = static_cast<acc_t>(Q[row * q_main + j]);
-      else if (j == q_main && extra != nullptr) qv = static_cast<acc_t>(extra[row]);
+      const acc_t qv = j < q ? static_cast<acc_t>(Q[row * q + j]) : acc_t(0);
       acc0[k] += p0 * qv;
       acc1[k] += p1 * qv;
     }
@@ -84,11 +82,12 @@ __global__ void __launch_bounds__(kThreads) run_outer_kernel(
 }
 
 // One thread per (j, c): adds sample i's runs into G_i[c, j], scales, squares, and sums over samples.
-// Column q_main (the candidate) only yields its Fisher term, per c.
+// Column q_main (the candidate) yields its gradient and Fisher term per c into the `_extra` outputs.
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads) sum_samples_kernel(
     const acc_t* __restrict__ partial, int samples, int runs, int n, int q_main, int q, acc_t scale,
-    bool q_major, scalar_t* __restrict__ grad, acc_t* __restrict__ fisher, acc_t* __restrict__ fisher_extra) {
+    bool q_major, scalar_t* __restrict__ grad, acc_t* __restrict__ fisher, acc_t* __restrict__ grad_extra,
+    acc_t* __restrict__ fisher_extra) {
   const int64_t total = static_cast<int64_t>(q) * n;
   for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < total;
        e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -107,6 +106,7 @@ __global__ void __launch_bounds__(kThreads) sum_samples_kernel(
       grad[out] = static_cast<scalar_t>(sum);
       fisher[out] = sum_sq;
     } else {
+      grad_extra[c] = sum;
       fisher_extra[c] = sum_sq;
     }
   }
@@ -121,24 +121,26 @@ int multiprocessors() {  // of the current device, which the caller has set to t
 int ceil_div(int64_t a, int64_t b) { return static_cast<int>((a + b - 1) / b); }
 
 template <typename scalar_t, typename acc_t, int QPT>
-void launch_runs(dim3 grid, cudaStream_t stream, const at::Tensor& P, const at::Tensor& Q, const scalar_t* extra,
-                 at::Tensor& partial, int T, int run_len, int runs, int q_groups) {
+void launch_runs(dim3 grid, cudaStream_t stream, const at::Tensor& P, const at::Tensor& Q, at::Tensor& partial, int T,
+                 int run_len, int runs, int q_groups) {
   run_outer_kernel<scalar_t, acc_t, QPT><<<grid, kThreads, 0, stream>>>(
-      P.data_ptr<scalar_t>(), Q.data_ptr<scalar_t>(), extra, partial.data_ptr<acc_t>(),
-      static_cast<int>(P.size(1)), static_cast<int>(Q.size(1)), T, run_len, runs, q_groups);
+      P.data_ptr<scalar_t>(), Q.data_ptr<scalar_t>(), partial.data_ptr<acc_t>(), static_cast<int>(P.size(1)),
+      static_cast<int>(Q.size(1)), T, run_len, runs, q_groups);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 }  // namespace
 
 // grad (P's dtype) and fisher (fp32, fp64 for fp64 inputs) shaped [n, q_main], or [q_main, n] when
-// q_major; with `extra` [M], fisher_extra [n] receives Σ_i G_i[:, q_main]². All inputs contiguous,
-// on the current device; outputs are fully overwritten.
-void per_sample_grad_fisher(const at::Tensor& P, const at::Tensor& Q, const c10::optional<at::Tensor>& extra,
-                            int64_t samples, double scale, bool q_major, at::Tensor& grad, at::Tensor& fisher,
+// q_major; when Q has one column more than q_main (the candidate's), grad_extra and fisher_extra [n]
+// receive Σ_i G_i[:, q_main] and Σ_i G_i[:, q_main]². All inputs contiguous, on the current device;
+// outputs are fully overwritten.
+void per_sample_grad_fisher(const at::Tensor& P, const at::Tensor& Q, int64_t q_main, int64_t samples, double scale,
+                            bool q_major, at::Tensor& grad, at::Tensor& fisher, const c10::optional<at::Tensor>& grad_extra,
                             const c10::optional<at::Tensor>& fisher_extra) {
-  const int64_t M = P.size(0), n = P.size(1), q_main = Q.size(1);
-  const int64_t q = q_main + (extra.has_value() ? 1 : 0);
+  const int64_t M = P.size(0), n = P.size(1), q = Q.size(1);
+  TORCH_CHECK(q == q_main || (q == q_main + 1 && grad_extra.has_value() && fisher_extra.has_value()),
+              "selora: the Fisher kernel takes at most one extra column, with outputs for it");
   TORCH_CHECK(n < (int64_t{1} << 31) && M / samples < (int64_t{1} << 31),
               "selora: tensor too large for the Fisher kernel: ", M, " rows of ", n);
   const int T = static_cast<int>(M / samples);
@@ -174,13 +176,12 @@ void per_sample_grad_fisher(const at::Tensor& P, const at::Tensor& Q, const c10:
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, P.scalar_type(), "selora_per_sample_grad_fisher", [&] {
     using acc_t = typename Acc<scalar_t>::type;
-    const scalar_t* extra_ptr = extra.has_value() ? extra->data_ptr<scalar_t>() : nullptr;
     switch (qpt) {
-      case 1: launch_runs<scalar_t, acc_t, 1>(grid, stream, P, Q, extra_ptr, partial, T, run_len, runs, q_groups); break;
-      case 2: launch_runs<scalar_t, acc_t, 2>(grid, stream, P, Q, extra_ptr, partial, T, run_len, runs, q_groups); break;
-      case 4: launch_runs<scalar_t, acc_t, 4>(grid, stream, P, Q, extra_ptr, partial, T, run_len, runs, q_groups); break;
-      case 8: launch_runs<scalar_t, acc_t, 8>(grid, stream, P, Q, extra_ptr, partial, T, run_len, runs, q_groups); break;
-      default: launch_runs<scalar_t, acc_t, 9>(grid, stream, P, Q, extra_ptr, partial, T, run_len, runs, q_groups);
+      case 1: launch_runs<scalar_t, acc_t, 1>(grid, stream, P, Q, partial, T, run_len, runs, q_groups); break;
+      case 2: launch_runs<scalar_t, acc_t, 2>(grid, stream, P, Q, partial, T, run_len, runs, q_groups); break;
+      case 4: launch_runs<scalar_t, acc_t, 4>(grid, stream, P, Q, partial, T, run_len, runs, q_groups); break;
+      case 8: launch_runs<scalar_t, acc_t, 8>(grid, stream, P, Q, partial, T, run_len, runs, q_groups); break;
+      default: launch_runs<scalar_t, acc_t, 9>(grid, stream, P, Q, partial, T, run_len, runs, q_groups);
     }
     const int64_t outputs = q * n;
     const int sum_blocks = static_cast<int>(std::min<int64_t>(ceil_div(outputs, kThreads), wanted * 2));
@@ -188,6 +189,7 @@ void per_sample_grad_fisher(const at::Tensor& P, const at::Tensor& Q, const c10:
         partial.data_ptr<acc_t>(), static_cast<int>(samples), static_cast<int>(runs), static_cast<int>(n),
         static_cast<int>(q_main), static_cast<int>(q), static_cast<acc_t>(scale), q_major,
         grad.data_ptr<scalar_t>(), fisher.data_ptr<acc_t>(),
+        grad_extra.has_value() ? grad_extra->data_ptr<acc_t>() : nullptr,
         fisher_extra.has_value() ? fisher_extra->data_ptr<acc_t>() : nullptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });

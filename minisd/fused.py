@@ -23,12 +23,12 @@ class FusedSeLoRAOps:
     def __init__(self, extension):
         self.extension = extension
 
-    def forward(self, x, weight, bias, lora_A, lora_B, scale):
-        return self.extension.forward(x, weight, bias, lora_A, lora_B, float(scale))
+    def forward(self, x, weight, bias, lora_A, lora_B, scale, candidate=None):
+        return self.extension.forward(x, weight, bias, lora_A, lora_B, float(scale), candidate)
 
-    def backward(self, grad_y, x, weight, lora_A, lora_B, u, scale, n_samples, candidate, need_grad_x):
+    def backward(self, grad_y, x, weight, lora_A, lora_B, u, scale, n_samples, fisher, need_grad_x):
         return self.extension.backward(grad_y, x, weight, lora_A, lora_B, u, float(scale), int(n_samples),
-                                       candidate, bool(need_grad_x))
+                                       fisher or "", bool(need_grad_x))
 
 
 def selora_ops(x):
@@ -69,12 +69,12 @@ def _self_check(ops, device=None, tolerance=1e-4):
     try:
         for impl_forward, impl_backward, where in ((selora_forward, selora_backward, "cpu"), (ops.forward, ops.backward, device)):
             x, w, b, a, bb = (v.to(where) for v in args)
-            y, u = impl_forward(x, w, b, a, bb, 0.5)
-            back = impl_backward(grad_y.to(where), x, w, a, bb, u, 0.5, n, candidate.to(where), True)
+            y, u = impl_forward(x, w, b, a, bb, 0.5, candidate.to(where))
+            back = impl_backward(grad_y.to(where), x, w, a, bb, u, 0.5, n, "sample", True)
             results.append([y, u, *back])
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
-    names = ["y", "u", "grad_x", "grad_A", "grad_B", "fisher_A", "fisher_B", "fisher_new"]
+    names = ["y", "u", "grad_x", "grad_A", "grad_B", "fisher_A", "fisher_B", "fisher_new", "grad_new"]
     for name, ref, got in zip(names, *results):
         err = ((got.detach().double().cpu() - ref.double()).abs().max() / ref.double().abs().max().clamp_min(1e-30)).item()
         if not err <= tolerance:

@@ -64,8 +64,8 @@ class ReferenceExtension:
 
 class WrongFisherExtension(ReferenceExtension):
     def backward(self, *args):
-        grad_x, grad_A, grad_B, fisher_A, fisher_B, fisher_new = selora_backward(*args)
-        return grad_x, grad_A, grad_B, fisher_A, fisher_B * 1.01, fisher_new
+        grad_x, grad_A, grad_B, fisher_A, fisher_B, fisher_new, grad_new = selora_backward(*args)
+        return grad_x, grad_A, grad_B, fisher_A, fisher_B * 1.01, fisher_new, grad_new
 
 
 def test_self_check_accepts_a_correct_op():
@@ -139,8 +139,9 @@ def test_fused_ops_keep_the_reference_signatures(fresh_dispatch):
     ops = fused.selora_ops(torch.zeros(2, 3))
     for method, reference in ((ops.forward, selora_forward), (ops.backward, selora_backward)):
         assert list(inspect.signature(method).parameters) == list(inspect.signature(reference).parameters)
-    assert ops.forward(1, 2, None, 4, 5, torch.tensor(0.5)) == ("forward", 1, 2, None, 4, 5, 0.5)
-    assert ops.backward(1, 2, 3, 4, 5, 6, 2, 4.0, None, 1) == ("backward", 1, 2, 3, 4, 5, 6, 2.0, 4, None, True)
+    assert ops.forward(1, 2, None, 4, 5, torch.tensor(0.5)) == ("forward", 1, 2, None, 4, 5, 0.5, None)
+    assert ops.backward(1, 2, 3, 4, 5, 6, 2, 4.0, None, 1) == ("backward", 1, 2, 3, 4, 5, 6, 2.0, 4, "", True)
+    assert ops.backward(1, 2, 3, 4, 5, 6, 2, 4.0, "batch", 1)[-2] == "batch"
 
 
 def test_cache_folder_follows_sources_and_setting(tmp_path, monkeypatch):
@@ -237,7 +238,7 @@ EMULATED_SHAPES = [
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 FISHER_TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 2e-2}
 DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-NAMES = ("y", "u", "grad_x", "grad_A", "grad_B", "fisher_A", "fisher_B", "fisher_new")
+NAMES = ("y", "u", "grad_x", "grad_A", "grad_B", "fisher_A", "fisher_B", "fisher_new", "grad_new")
 
 
 def shape_id(shape):
@@ -285,25 +286,27 @@ def random_case(samples, tokens, d_in, d_out, bias, rank, dtype, device="cuda", 
                 candidate=rand(d_in, std=d_in ** -0.5), scale=0.5, n_samples=samples)
 
 
-def run(forward, backward, case, candidate, need_grad_x):
+def run(forward, backward, case, fisher, need_grad_x):
+    """Forward and backward with Fisher mode `fisher` (None, "sample" or "batch")."""
     c = case
-    y, u = forward(c["x"], c["weight"], c["bias"], c["lora_A"], c["lora_B"], c["scale"])
+    y, u = forward(c["x"], c["weight"], c["bias"], c["lora_A"], c["lora_B"], c["scale"],
+                   c["candidate"] if fisher else None)
     grads = backward(c["grad_y"], c["x"], c["weight"], c["lora_A"], c["lora_B"], u, c["scale"], c["n_samples"],
-                     c["candidate"] if candidate else None, need_grad_x)
+                     fisher, need_grad_x)
     return (y, u) + tuple(grads)
 
 
 def assert_matches_reference(ops, case, dtype):
-    """Every output of `ops`, with and without a candidate, against the reference computed in fp64."""
+    """Every output of `ops`, in each Fisher mode, against the reference computed in fp64."""
     exact = {k: v.double() if torch.is_tensor(v) else v for k, v in case.items()}
-    for candidate, need_grad_x in ((True, True), (False, False)):
-        got = run(ops.forward, ops.backward, case, candidate, need_grad_x)
-        want = run(selora_forward, selora_backward, exact, candidate, need_grad_x)
+    for mode, need_grad_x in (("sample", True), (None, False), ("batch", True)):
+        got = run(ops.forward, ops.backward, case, mode, need_grad_x)
+        want = run(selora_forward, selora_backward, exact, mode, need_grad_x)
         for name, a, b in zip(NAMES, got, want):
             if b is None:
                 assert a is None, f"{name} must be None"
                 continue
-            fisher = name.startswith("fisher")
+            fisher = name.startswith("fisher") or name == "grad_new"
             assert a.dtype == (torch.float32 if fisher else dtype), name
             assert a.shape == b.shape, name
             tol = FISHER_TOLERANCE[dtype] if fisher else TOLERANCE[dtype]
@@ -337,8 +340,8 @@ def test_emulated_kernels_match_reference_at_full_size(emulated_ops, shape, rank
 @needs_cuda
 def test_fused_backward_is_deterministic(cuda_ops):
     case = random_case(8, 1024, 320, 640, True, 4, torch.bfloat16)
-    first = run(cuda_ops.forward, cuda_ops.backward, case, True, True)
-    second = run(cuda_ops.forward, cuda_ops.backward, case, True, True)
+    first = run(cuda_ops.forward, cuda_ops.backward, case, "sample", True)
+    second = run(cuda_ops.forward, cuda_ops.backward, case, "sample", True)
     for name, a, b in zip(NAMES, first, second):
         assert torch.equal(a, b), name
 
@@ -348,8 +351,8 @@ def check_non_contiguous_inputs(ops, device):
     strided = dict(case, x=case["x"].t().contiguous().t(), weight=case["weight"].t().contiguous().t(),
                    grad_y=case["grad_y"].t().contiguous().t())
     assert not strided["x"].is_contiguous()
-    for name, a, b in zip(NAMES, run(ops.forward, ops.backward, strided, True, True),
-                          run(ops.forward, ops.backward, case, True, True)):
+    for name, a, b in zip(NAMES, run(ops.forward, ops.backward, strided, "sample", True),
+                          run(ops.forward, ops.backward, case, "sample", True)):
         assert torch.equal(a, b), name
 
 

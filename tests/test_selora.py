@@ -140,10 +140,10 @@ def test_half_inputs_accumulate_fisher_in_fp32():
     M, n, n_in, n_out, r = 64, 4, 48, 40, 3
     t = [torch.randn(s).bfloat16() for s in ((M, n_in), (n_out, n_in), (r, n_in), (n_out, r), (M, n_out), (n_in,))]
     x, W, A, B, gy, K = t
-    u = (x.double() @ A.double().T).bfloat16()
-    got = selora_backward(gy, x, W, A, B, u, 0.5, n, K, True)
+    u = (x.double() @ torch.cat([A, K[None]]).double().T).bfloat16()
+    got = selora_backward(gy, x, W, A, B, u, 0.5, n, "sample", True)
     want = selora_backward(gy.double(), x.double(), W.double(), A.double(), B.double(), u.double(), 0.5, n,
-                           K.double(), True)
+                           "sample", True)
     for g, w in zip(got[3:], want[3:]):
         assert g.dtype == torch.float32
         assert rel_err(g, w) < 1e-5
@@ -203,7 +203,7 @@ def test_fused_op_is_used_when_offered(monkeypatch):
             return selora_forward(*args)
 
         def backward(self, *args):
-            calls.append(("backward", args[7], args[8] is not None, args[9]))
+            calls.append(("backward", args[7], args[8], args[9]))
             return selora_backward(*args)
 
     fused = types.SimpleNamespace(selora_ops=lambda x: Ops() if x.dtype == torch.float64 else None)
@@ -211,7 +211,7 @@ def test_fused_op_is_used_when_offered(monkeypatch):
     layer = make_layer(5, 4, 2)
     layer.track_fisher = True
     layer(torch.randn(3, 2, 5, dtype=torch.float64)).sum().backward()
-    assert calls == ["forward", ("backward", 3, True, False)]
+    assert calls == ["forward", ("backward", 3, "sample", False)]
     layer32 = make_layer(5, 4, 2, dtype=torch.float32)  # selora_ops says None: the reference runs
     layer32(torch.randn(3, 5)).sum().backward()
     assert len(calls) == 2 and layer32.lora_A.grad is not None

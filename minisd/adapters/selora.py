@@ -38,21 +38,23 @@ class _SeLoRAFunction(torch.autograd.Function):
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             raise RuntimeError("SeLoRALinear keeps its base weight and bias frozen")
         ops = _ops(x)
+        # The candidate is read at forward time (its projection is u's last column), so that a
+        # checkpointed recompute sees the same one.
+        candidate = layer.candidate.to(x.device) if layer.track_fisher else None
         with torch.autocast(x.device.type, enabled=False):
-            y, u = ops.forward(x, weight, bias, lora_A, lora_B, layer.scale)
+            y, u = ops.forward(x, weight, bias, lora_A, lora_B, layer.scale, candidate)
         ctx.save_for_backward(x, weight, lora_A, lora_B, u)
         ctx.ops, ctx.layer, ctx.n_samples, ctx.scale = ops, layer, n_samples, layer.scale
-        # Read at forward time, so that a checkpointed recompute sees the same candidate.
-        ctx.candidate = layer.candidate.to(x.device) if layer.track_fisher else None
+        ctx.fisher = "sample" if candidate is not None else None
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
         x, weight, lora_A, lora_B, u = ctx.saved_tensors
         with torch.autocast(x.device.type, enabled=False):
-            grad_x, grad_A, grad_B, fisher_A, fisher_B, fisher_new = ctx.ops.backward(
+            grad_x, grad_A, grad_B, fisher_A, fisher_B, fisher_new, _ = ctx.ops.backward(
                 grad_y.contiguous(), x, weight, lora_A, lora_B, u, ctx.scale, ctx.n_samples,
-                ctx.candidate, ctx.needs_input_grad[0])
+                ctx.fisher, ctx.needs_input_grad[0])
         if fisher_A is not None:
             ctx.layer.accumulate_fisher(fisher_A, fisher_B, fisher_new)
         return grad_x, None, None, grad_A, grad_B, None, None
