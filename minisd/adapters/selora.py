@@ -4,6 +4,10 @@ Every layer starts at rank 1. While `track_fisher` is on, the training step's ow
 per sample i, F_A = Σ G_A,i², F_B = Σ G_B,i² and F_new for a candidate A row K (its B column being zero,
 the output and all other gradients are unchanged). At each test the controller grows every layer whose
 FI-ratio (ΣF_A + ΣF_B + F_new) / (ΣF_A + ΣF_B) reaches λ, adopting K and a zero B column.
+
+Two estimators of F: "sample", the per-sample sums above (the paper's Eq. 3), and "batch", the squares of
+the step's batch gradients g_A, g_B and g_new (the authors' released code), taken from the same backward
+once the step's gradients are complete.
 """
 import importlib
 import math
@@ -15,6 +19,7 @@ from ..errors import MinisdError
 from . import op
 from .lora import AdapterLayer, compute_dtype
 
+ESTIMATORS = ("sample", "batch")
 REFERENCE_OPS = SimpleNamespace(forward=op.selora_forward, backward=op.selora_backward)
 _fused = []  # minisd.fused once looked up, or None when it does not exist
 
@@ -45,26 +50,27 @@ class _SeLoRAFunction(torch.autograd.Function):
             y, u = ops.forward(x, weight, bias, lora_A, lora_B, layer.scale, candidate)
         ctx.save_for_backward(x, weight, lora_A, lora_B, u)
         ctx.ops, ctx.layer, ctx.n_samples, ctx.scale = ops, layer, n_samples, layer.scale
-        ctx.fisher = "sample" if candidate is not None else None
+        ctx.fisher = layer.fisher_mode if candidate is not None else None
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
         x, weight, lora_A, lora_B, u = ctx.saved_tensors
         with torch.autocast(x.device.type, enabled=False):
-            grad_x, grad_A, grad_B, fisher_A, fisher_B, fisher_new, _ = ctx.ops.backward(
+            grad_x, grad_A, grad_B, fisher_A, fisher_B, fisher_new, grad_new = ctx.ops.backward(
                 grad_y.contiguous(), x, weight, lora_A, lora_B, u, ctx.scale, ctx.n_samples,
                 ctx.fisher, ctx.needs_input_grad[0])
-        if fisher_A is not None:
-            ctx.layer.accumulate_fisher(fisher_A, fisher_B, fisher_new)
+        if ctx.fisher is not None:
+            ctx.layer.accumulate_fisher(fisher_A, fisher_B, fisher_new, grad_new)
         return grad_x, None, None, grad_A, grad_B, None, None
 
 
 def grow_parameter(param, data, optimizer=None):
     """Give `param` the larger `data`, whose leading block is the old value, keeping the Parameter object.
 
-    The optimizer's per-entry state (Adam's exp_avg, exp_avg_sq, max_exp_avg_sq) and a pending grad are
-    padded the same way: old entries keep their values, new entries start at zero; `step` is untouched.
+    The optimizer's per-entry state (Adam's exp_avg, exp_avg_sq, max_exp_avg_sq, and minisd.optim.Adam's
+    per-entry step count) and a pending grad are padded the same way: old entries keep their values, new
+    entries start at zero, as a fresh Adam would; torch.optim.Adam's one-number `step` is untouched.
     """
     old = tuple(slice(0, n) for n in param.shape)
 
@@ -81,6 +87,13 @@ def grow_parameter(param, data, optimizer=None):
     param.data = data
     if grad is not None:
         param.grad = pad(grad)
+
+
+def check_lambda(lam):
+    """The FI-ratio is at least 1 by construction: λ < 1 would grow every layer at every test."""
+    if not lam >= 1:
+        raise MinisdError(f"--lambda must be at least 1 (the FI-ratio is never below 1, so a smaller λ grows "
+                          f"every layer at every test), got {lam}")
 
 
 def fi_ratio(fisher_orig, fisher_new):
@@ -100,6 +113,7 @@ class SeLoRALinear(AdapterLayer):
         self.max_rank = min(self.in_features, self.out_features)
         self.init_lora(1)
         self.track_fisher = False
+        self.fisher_mode = "sample"  # or "batch": see accumulate_batch_fisher
         self.reset_fisher()
 
     @property
@@ -112,11 +126,29 @@ class SeLoRALinear(AdapterLayer):
         return _SeLoRAFunction.apply(x.to(dtype), self.base_weight().to(dtype), bias,
                                      self.lora_A.to(dtype), self.lora_B.to(dtype), self, n_samples)
 
-    def accumulate_fisher(self, fisher_A, fisher_B, fisher_new):
+    def accumulate_fisher(self, fisher_A, fisher_B, fisher_new, grad_new):
+        """What a tracked backward hands over: per-sample Fisher terms ("sample"), or the gradient of the
+        candidate's zero B column, summed until the step's gradients are complete ("batch")."""
+        if self.fisher_mode == "batch":
+            self.grad_new = self.grad_new.to(grad_new.device) + grad_new.to(self.grad_new.dtype)
+            return
         acc = self.fisher_A
         self.fisher_A = acc.to(fisher_A.device) + fisher_A.to(acc.dtype)
         self.fisher_B = self.fisher_B.to(fisher_B.device) + fisher_B.to(acc.dtype)
         self.fisher_new = self.fisher_new.to(fisher_new.device) + fisher_new.to(acc.dtype)
+
+    @torch.no_grad()
+    def accumulate_batch_fisher(self, loss_scale=1.0):
+        """The "batch" estimator's terms of one step, from its complete gradients (lora_A.grad, lora_B.grad
+        and grad_new, each summed over micro-batches and averaged over processes): F_A += g_A², F_B += g_B²,
+        F_new += ‖g_new‖², all divided by the step's loss scale² so that steps of a window weigh alike."""
+        dtype = self.fisher_A.dtype
+        if self.lora_A.grad is not None:
+            self.fisher_A = self.fisher_A + (self.lora_A.grad.to(dtype) / loss_scale).square()
+        if self.lora_B.grad is not None:
+            self.fisher_B = self.fisher_B + (self.lora_B.grad.to(dtype) / loss_scale).square()
+        self.fisher_new = self.fisher_new + (self.grad_new.to(dtype) / loss_scale).square().sum()
+        self.grad_new = torch.zeros_like(self.grad_new)
 
     def fisher_sums(self):
         """(ΣF_A + ΣF_B, F_new) as floats."""
@@ -139,6 +171,7 @@ class SeLoRALinear(AdapterLayer):
         self.fisher_A = torch.cat([self.fisher_A, self.fisher_A.new_zeros(1, self.in_features)])
         self.fisher_B = torch.cat([self.fisher_B, self.fisher_B.new_zeros(self.out_features, 1)], 1)
         self.fisher_new = torch.zeros_like(self.fisher_new)
+        self.grad_new = torch.zeros_like(self.grad_new)
 
     def reset_fisher(self, generator=None):
         """Zero the accumulators; draw a new candidate K ~ U(-1/√in, 1/√in) (Kaiming-uniform, a=√5, of a
@@ -149,6 +182,7 @@ class SeLoRALinear(AdapterLayer):
         self.fisher_A = torch.zeros_like(self.lora_A.data)
         self.fisher_B = torch.zeros_like(self.lora_B.data)
         self.fisher_new = self.lora_A.new_zeros(())
+        self.grad_new = self.lora_A.new_zeros(self.out_features)
 
     @torch.no_grad()
     def set_rank(self, rank):
@@ -166,9 +200,15 @@ class SeLoRAController:
     Call `begin_step(step)` before the step's forward passes and `end_step(step, optimizer)` after
     `optimizer.step()`; steps count optimizer steps from 1. Tests happen at steps divisible by `every`;
     Fisher terms accumulate over the last `fisher_window` steps before each test (all micro-batches).
+    With `fisher="batch"`, also call `end_backward(loss_scale)` once the step's gradients are complete
+    (after the all-reduce, which `batch_gradients()` must join) and before the optimizer unscales them.
     """
 
-    def __init__(self, named_layers, lam=1.1, every=40, max_rank=None, fisher_window=1, seed=0, distributed=False):
+    def __init__(self, named_layers, lam=1.1, every=40, max_rank=None, fisher_window=1, seed=0, distributed=False,
+                 fisher="sample"):
+        check_lambda(lam)
+        if fisher not in ESTIMATORS:
+            raise MinisdError(f"--fisher must be one of {', '.join(ESTIMATORS)}, got {fisher!r}")
         if every < 1:
             raise MinisdError(f"--expand-every must be at least 1, got {every}")
         if not 1 <= fisher_window <= every:
@@ -177,18 +217,30 @@ class SeLoRAController:
             raise MinisdError(f"--max-rank must be at least 1, got {max_rank}")
         self.layers = dict(named_layers)
         self.lam, self.every, self.max_rank, self.fisher_window = lam, every, max_rank, fisher_window
-        self.distributed = distributed
+        self.distributed, self.fisher, self.tracked = distributed, fisher, False
         self.generator = torch.Generator().manual_seed(seed)
         for layer in self.layers.values():
+            layer.fisher_mode = fisher
             layer.reset_fisher(self.generator)
 
     def tracking(self, step):
         return (-step) % self.every < self.fisher_window
 
     def begin_step(self, step):
-        on = self.tracking(step)
+        self.tracked = self.tracking(step)
         for layer in self.layers.values():
-            layer.track_fisher = on
+            layer.track_fisher = self.tracked
+
+    def batch_gradients(self):
+        """The candidates' gradients g_new of a tracked step of the batch estimator (else none): they are
+        averaged over processes with the parameters' gradients."""
+        return [layer.grad_new for layer in self.layers.values()] if self.fisher == "batch" and self.tracked else []
+
+    def end_backward(self, loss_scale=1.0):
+        """Batch estimator, at a tracked step whose gradients are complete: add their squares to F."""
+        if self.fisher == "batch" and self.tracked:
+            for layer in self.layers.values():
+                layer.accumulate_batch_fisher(loss_scale)
 
     def cap(self, layer):
         return layer.max_rank if self.max_rank is None else min(layer.max_rank, self.max_rank)
@@ -199,7 +251,7 @@ class SeLoRAController:
         if step % self.every:
             return []
         sums = torch.tensor([layer.fisher_sums() for layer in self.layers.values()], dtype=torch.float64)
-        if self.distributed:
+        if self.distributed and self.fisher == "sample":   # batch terms come from already averaged gradients
             device = next(iter(self.layers.values())).lora_A.device
             sums = sums.to(device)
             torch.distributed.all_reduce(sums)
