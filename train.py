@@ -8,11 +8,13 @@
 import argparse
 import datetime
 import os
+import warnings
 
 import minisd
 from minisd.adapters import METHODS
+from minisd.adapters.selora import ESTIMATORS, check_lambda
 from minisd.cli import (PRECISIONS, RUNS, ArgumentParser, check_data_root, check_finite, check_seed, check_steps,
-                        main_guard, pick_device, read_run_record, run_folder)
+                        data_seed_of, main_guard, pick_device, read_run_record, run_folder)
 from minisd.data import DATASETS
 from minisd.errors import MinisdError
 from minisd.training import Trainer
@@ -20,6 +22,10 @@ from minisd.training import Trainer
 # The tiny model is the CPU demo: its defaults keep a run to a few minutes on a laptop while still
 # holding two SeLoRA tests at --expand-every 40 and no attention level at a single latent pixel.
 TINY_DEFAULTS = {"max_steps": 80, "resolution": 128, "val_max": 64}
+# The SeLoRA authors' released code: alpha 8 at rank 1 (s = 8), λ 1.3, no prompt dropout, squared batch
+# gradients. Flags given on the command line override a preset's values.
+PRESETS = {"authors": {"alpha": 8.0, "lam": 1.3, "cfg_dropout": 0.0, "fisher": "batch"}}
+NEWER_FLAGS = ("data_seed", "fisher", "preset")   # absent from the records of older runs
 
 
 def parser():
@@ -34,6 +40,11 @@ def parser():
     p.add_argument("--expand-every", type=int, default=40, help="SeLoRA: steps between rank tests")
     p.add_argument("--max-rank", type=int, help="SeLoRA: cap on any layer's rank")
     p.add_argument("--fisher-window", type=int, default=1, help="SeLoRA: steps of Fisher information accumulated per test")
+    p.add_argument("--fisher", choices=ESTIMATORS, default="sample",
+                   help="SeLoRA: Fisher information per sample (the paper's Eq. 3) or from squared batch gradients "
+                        "(the authors' code)")
+    p.add_argument("--preset", choices=sorted(PRESETS),
+                   help="authors: alpha 8, --lambda 1.3, --cfg-dropout 0, --fisher batch (flags given win)")
     p.add_argument("--convs", action="store_true", help="also adapt the U-Net's 1×1 proj_in/proj_out convolutions")
     p.add_argument("--freeze-text-encoder", action="store_true", help="adapt the U-Net only")
     p.add_argument("--epochs", type=int, default=10)
@@ -44,13 +55,16 @@ def parser():
     p.add_argument("--resolution", type=int, help=f"image size in pixels (default 224; tiny model: {TINY_DEFAULTS['resolution']})")
     p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="autocast precision; adapters stay fp32")
     p.add_argument("--grad-checkpointing", action="store_true")
-    p.add_argument("--cfg-dropout", type=float, default=0.1, help="probability of training on the empty prompt")
+    p.add_argument("--cfg-dropout", type=float, default=0.0,
+                   help="probability of training on the empty prompt (the paper, diffusers and kohya: 0)")
     p.add_argument("--val-max", type=int,
                    help=f"validation loss on the first N validation images (default all; tiny model: {TINY_DEFAULTS['val_max']})")
     p.add_argument("--val-images", type=int, default=4, help="images in the sample grid at each validation")
     p.add_argument("--val-steps", type=int, default=25, help="DDIM steps of the validation samples")
     p.add_argument("--save-every", type=int, default=100, help="steps between checkpoints (also at each epoch end)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="adapter initialisation, batch order and noise")
+    p.add_argument("--data-seed", type=int, default=0,
+                   help="the train/val/test split (and the phantom's images): a property of the data, not of the run")
     p.add_argument("--device", default="auto")
     p.add_argument("--workers", type=int, help="data loading processes (default 4 on a GPU, 0 on the CPU)")
     p.add_argument("--run-name", help=f"folder under {RUNS}/ (default DATA-METHOD-TIME)")
@@ -89,7 +103,12 @@ def check(args):
         raise MinisdError(f"--cfg-dropout is a probability, got {args.cfg_dropout}")
     for flag, value in (("--lr", args.lr), ("--alpha", args.alpha), ("--lambda", args.lam)):
         check_finite(flag, value, positive=True)
+    check_lambda(args.lam)
+    if args.method == "selora" and args.lam == 1:
+        warnings.warn("--lambda 1: every FI-ratio is at least 1, so every layer grows at every test "
+                      "(rank 1 + steps / --expand-every everywhere)")
     check_seed("--seed", args.seed)
+    check_seed("--data-seed", args.data_seed)
     check_steps("--val-steps", args.val_steps)
     if args.workers is not None and args.workers < 0:
         raise MinisdError(f"--workers must be 0 or more, got {args.workers}")
@@ -118,9 +137,11 @@ def main(argv=None):
         name = args.resume or args.run_name or latest_run()
         folder = run_folder("--resume", name)
         try:
-            saved = read_run_record(folder, required=[k for k in vars(args) if k != "resume"])
+            saved = read_run_record(folder, required=[k for k in vars(args) if k not in ("resume", *NEWER_FLAGS)])
         except MinisdError as e:
             raise MinisdError(f"--resume {name}: {e}") from None
+        # what an older run did: its split was drawn with --seed, its Fisher information per sample
+        saved.update(data_seed=data_seed_of(saved), fisher=saved.get("fisher", "sample"), preset=saved.get("preset"))
         changed = sorted(k for k in given - RESUME_FLAGS if getattr(args, k) != saved[k])
         if changed:
             flag = changed[0]
@@ -136,6 +157,9 @@ def main(argv=None):
         args.workers = default_workers(args.device) if workers is None else workers
         resume = True
     else:
+        for name, value in PRESETS.get(args.preset, {}).items():
+            if name not in given:
+                setattr(args, name, value)
         for name, value in TINY_DEFAULTS.items():
             if args.model == "tiny" and getattr(args, name) is None:
                 setattr(args, name, value)

@@ -107,7 +107,11 @@ def output_folder(flag, path):
 
 
 def run_folder(flag, name):
-    """runs/NAME: a run is named by its folder name under runs/, never by a path that could leave it."""
+    """runs/NAME: a run is named by its folder name under runs/ (NAME, or runs/NAME as the shell completes
+    it), never by a path that could leave it."""
+    folder, base = os.path.split(os.path.normpath(name)) if name else ("", name)
+    if folder == RUNS:
+        name = base
     if not name or name in (".", "..") or os.sep in name or (os.altsep and os.altsep in name):
         raise MinisdError(f"{flag} {name!r}: a run name is one folder name under {RUNS}/, not a path")
     return os.path.join(RUNS, name)
@@ -121,3 +125,9 @@ def read_run_record(folder, required=()):
     if missing:
         raise MinisdError(f"{path}: {', '.join(map(repr, missing))} not recorded")
     return record
+
+
+def data_seed_of(record):
+    """The seed of the data split of a run's recorded arguments; runs made before --data-seed existed drew
+    their split with --seed."""
+    return record.get("data_seed", record.get("seed", 0))

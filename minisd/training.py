@@ -9,6 +9,7 @@ shapes during training, which DistributedDataParallel cannot follow.
 import math
 import os
 import time
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -20,7 +21,9 @@ from .checkpoint import first_line
 from .data import load_dataset, summary
 from .errors import MinisdError
 from .images import grid, save_png
+from .measures import Measures
 from .model import load
+from .optim import Adam
 from .plots import rank_heatmap
 from .runs import Run, atomic_torch_save
 from .sampling import add_noise, alphas_cumprod, ddim_sample
@@ -45,8 +48,9 @@ def setup_distributed(device_name):
     return rank, world, device_name
 
 
-def average_gradients(params, world):
-    grads = [p.grad for p in params if p.grad is not None]
+def average_gradients(params, world, extra=()):
+    """Average the parameters' gradients (and the `extra` tensors, in the same all-reduce) over processes."""
+    grads = [p.grad for p in params if p.grad is not None] + list(extra)
     if world == 1 or not grads:
         return
     flat = torch.cat([g.reshape(-1) for g in grads])
@@ -83,28 +87,33 @@ class Trainer:
         self.layers = adapters.adapted_layers(self.sd)
         self.fingerprint = adapters.fingerprint(self.sd)   # of the base weights: a resumed run must have the same
 
-        self.train_set = load_dataset(args.data, args.data_root, "train", args.resolution, args.seed)
-        self.val_set = load_dataset(args.data, args.data_root, "val", args.resolution, args.seed) if "val" in self.train_set.splits else None
+        # The split is the data's (--data-seed), never the run's --seed: runs with other seeds share a test set.
+        self.train_set = load_dataset(args.data, args.data_root, "train", args.resolution, args.data_seed)
+        self.val_set = load_dataset(args.data, args.data_root, "val", args.resolution, args.data_seed) if "val" in self.train_set.splits else None
         self.global_batch = args.batch_size * self.world
         self.steps_per_epoch = len(self.train_set) // (self.global_batch * args.grad_accum)
         if self.steps_per_epoch == 0:
             raise MinisdError(f"the training split has {len(self.train_set)} images, fewer than one step's "
                               f"{self.global_batch * args.grad_accum} (--batch-size × processes × --grad-accum)")
         self.total_steps = args.max_steps or args.epochs * self.steps_per_epoch
+        if args.method == "selora" and self.total_steps < args.expand_every and self.rank == 0:
+            warnings.warn(f"SeLoRA tests ranks every {args.expand_every} steps (--expand-every) and this run has "
+                          f"{self.total_steps} (--max-steps / --epochs): no layer will grow")
 
         self.params = [p for p in self.sd.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.Adam(self.params, lr=args.lr, weight_decay=0.0)
+        self.optimizer = Adam(self.params, lr=args.lr)   # a step count per entry: grown ranks start fresh
         self.scaler = torch.amp.GradScaler("cuda", enabled=args.precision == "fp16")
         self.controller = None
         if args.method == "selora":
             self.controller = adapters.SeLoRAController(self.layers.items(), lam=args.lam, every=args.expand_every,
                                                         max_rank=args.max_rank, fisher_window=args.fisher_window,
-                                                        seed=args.seed, distributed=self.world > 1)
+                                                        seed=args.seed, distributed=self.world > 1, fisher=args.fisher)
         elif args.method == "adalora":
             self.controller = adapters.AdaLoRAController(self.layers.items(), total_steps=self.total_steps, target_rank=args.rank)
         self.generator = torch.Generator().manual_seed(args.seed)
         self.ac = alphas_cumprod().to(self.device)
         self.step, self.best_val, self.rank_history = 0, math.inf, []
+        self.measures = Measures(self.device)
         if resume:
             self.load_checkpoint()
         self.run.open_log(keep_until_step=self.step if resume else None)
@@ -167,7 +176,10 @@ class Trainer:
             self.check_finite(loss, step)
             self.scaler.scale(loss / self.args.grad_accum).backward()
             total += loss.item() / self.args.grad_accum
-        average_gradients(self.params, self.world)
+        candidates = self.controller.batch_gradients() if self.args.method == "selora" else []
+        average_gradients(self.params, self.world, candidates)
+        if candidates:   # the batch estimator squares the complete gradients, still loss-scaled
+            self.controller.end_backward(self.scaler.get_scale() if self.scaler.is_enabled() else 1.0)
         if self.world > 1:
             mean_loss = torch.tensor([total], device=self.device)
             dist.all_reduce(mean_loss)
@@ -229,14 +241,34 @@ class Trainer:
 
     # ---------------------------------------------------------------------------- files
 
-    def save_adapter(self, name):
+    def save_adapter(self, name, val_loss):
+        """The adapter file, with the step and the validation loss it was saved at in its metadata."""
         adapters.save_adapter(self.run.file(name), self.sd, self.args.method, self.args.alpha, args=vars(self.args),
-                              rank_history=self.rank_history)
+                              rank_history=self.rank_history, step=self.step, val_loss=val_loss)
 
-    def save_plots(self):
-        ranks = self.ranks()
+    def record(self, val_loss, adapter=None, kind=""):
+        """The model as it is now for summary.json, with heat-maps of its ranks (ranks_{kind}PART.png)."""
+        ranks, heatmaps = self.ranks(), {}
         for part, title in (("unet", "U-Net"), ("text_encoder", "text encoder")):
-            rank_heatmap(ranks, part, self.run.file(f"ranks_{part}.png"), title)
+            if rank_heatmap(ranks, part, self.run.file(f"ranks_{kind}{part}.png"), f"{title} at step {self.step},"):
+                heatmaps[part] = f"ranks_{kind}{part}.png"
+        return Measures.adapter_record(self.sd, ranks, self.step, val_loss, adapter, heatmaps)
+
+    def write_summary(self, last, finished=False):
+        """summary.json: what the paper's tables report, as of now (see minisd.measures)."""
+        self.run.save_json("summary.json", self.measures.summary(self.step, self.total_steps, last, finished))
+
+    def write_manifests(self):
+        """The manifests of every split of the data, the test split's included, whatever this run reads."""
+        for split in self.train_set.splits:
+            ds = {"train": self.train_set, "val": self.val_set}.get(split)
+            if ds is None:
+                try:
+                    ds = load_dataset(self.args.data, self.args.data_root, split, self.args.resolution, self.args.data_seed)
+                except MinisdError as e:   # an empty test split does not stop training
+                    warnings.warn(f"no manifest of split {split!r}: {e}")
+                    continue
+            ds.write_manifest(self.run.file(f"manifest_{split}.jsonl"))
 
     def save_checkpoint(self):
         if not self.run.writer:
@@ -245,7 +277,8 @@ class Trainer:
                  "trainable": trainable_state(self.sd), "optimizer": self.optimizer.state_dict(),
                  "scaler": self.scaler.state_dict(), "generator": self.generator.get_state(),
                  "torch_rng": torch.get_rng_state(), "best_val": self.best_val, "rank_history": self.rank_history,
-                 "controller": self.controller.state_dict() if self.controller is not None else None}
+                 "controller": self.controller.state_dict() if self.controller is not None else None,
+                 "measures": self.measures.state_dict()}
         atomic_torch_save(state, self.run.file("checkpoint.pt"))
 
     def load_checkpoint(self):
@@ -290,6 +323,7 @@ class Trainer:
         except (KeyError, ValueError, TypeError, RuntimeError) as e:
             raise MinisdError(f"--resume: {path}: optimizer or random state does not fit this run ({e})") from None
         self.step, self.best_val, self.rank_history = state["step"], state["best_val"], state["rank_history"]
+        self.measures = Measures(self.device, state.get("measures"))   # absent from older checkpoints
 
     # ------------------------------------------------------------------------------------ loop
 
@@ -299,8 +333,9 @@ class Trainer:
             self.run.log({"step": self.step, "event": "validation", "val_loss": val_loss})
             if val_loss is None or val_loss < self.best_val:
                 self.best_val = val_loss if val_loss is not None else self.best_val
-                self.save_adapter("adapter.safetensors")
-            self.save_plots()
+                self.save_adapter("adapter.safetensors", val_loss)
+                self.measures.best = self.record(val_loss, "adapter.safetensors", "best_")
+            self.write_summary(self.record(val_loss))
         return val_loss
 
     def fit(self):
@@ -310,9 +345,7 @@ class Trainer:
             print(f"adapters: {self.summary['method']} in {self.summary['layers']} layers, "
                   f"{self.summary['trainable_params']:,} trainable parameters; {self.total_steps} steps of "
                   f"{self.global_batch * a.grad_accum} images")
-            for split, ds in (("train", self.train_set), ("val", self.val_set)):
-                if ds is not None:
-                    ds.write_manifest(self.run.file(f"manifest_{split}.jsonl"))
+            self.write_manifests()
         bar = tqdm(total=self.total_steps, initial=self.step, desc="training", unit="step", disable=not self.run.writer,
                    dynamic_ncols=True)
         val_loss, batches = None, self.batches()
@@ -338,10 +371,11 @@ class Trainer:
                 self.save_checkpoint()
         bar.close()
         if self.run.writer:
-            self.save_adapter("adapter_last.safetensors")
+            self.save_adapter("adapter_last.safetensors", val_loss)
             if not os.path.exists(self.run.file("adapter.safetensors")):
-                self.save_adapter("adapter.safetensors")
-            self.save_plots()
+                self.save_adapter("adapter.safetensors", val_loss)
+                self.measures.best = self.record(val_loss, "adapter.safetensors", "best_")
+            self.write_summary(self.record(val_loss, "adapter_last.safetensors"), finished=True)
             print(f"done: {self.run.path} (total rank {self.total_rank()}, best validation loss "
                   f"{self.best_val if self.best_val < math.inf else 'n/a'})")
         if self.world > 1:

@@ -79,6 +79,8 @@ TINY = ["--model", "tiny", "--resolution", "64", "--max-steps", "1"]
     (["--run-name", ".."], "--run-name '..': a run name is one folder name"),
     (["--data-root", "data/iuxray"], "--data-root data/iuxray: the phantom data set is built in"),
     (["--device", "foo"], "--device foo: expected auto, cpu, cuda or cuda:N"),
+    (["--lambda", "0.99"], "--lambda must be at least 1 (the FI-ratio is never below 1"),
+    (["--data-seed", "-1"], "--data-seed must be between 0 and 4294967295, got -1"),
 ])
 def test_train_flags(scripts, capsys, tmp_path, monkeypatch, argv, message):
     monkeypatch.chdir(tmp_path)
@@ -103,6 +105,9 @@ def test_train_resume_arguments(scripts, capsys, tmp_path, monkeypatch, argv, me
     (["--resume", "r", "--lr", "0.1"], {},   # was: --lr silently ignored
      "--resume continues a run with its recorded arguments: --lr 0.1 differs from the run's"),
     (["--resume", "r", "--model", "tiny"], {"run_name": "r"}, "checkpoint.pt not found"),   # the recorded value again is fine
+    # a run recorded before --data-seed, --fisher and --preset: its split was drawn with its --seed
+    (["--resume", "r"], {"run_name": "r", "data_seed": None, "fisher": None, "preset": None}, "checkpoint.pt not found"),
+    (["--resume", "r", "--data-seed", "3"], {"seed": 5, "data_seed": None}, "--data-seed 3 differs from the run's 5"),
 ])
 def test_train_resume_record(scripts, capsys, tmp_path, monkeypatch, argv, change, message):
     monkeypatch.chdir(tmp_path)

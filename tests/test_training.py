@@ -47,12 +47,14 @@ def demo(tmp_path_factory):
 
 def test_run_folder_holds_everything(demo):
     run, r = demo
-    for name in ["args.json", "manifest_train.jsonl", "manifest_val.jsonl", "log.jsonl", "checkpoint.pt",
-                 "adapter.safetensors", "adapter_last.safetensors", "ranks_unet.png", "ranks_text_encoder.png",
+    for name in ["args.json", "manifest_train.jsonl", "manifest_val.jsonl", "manifest_test.jsonl", "log.jsonl",
+                 "checkpoint.pt", "adapter.safetensors", "adapter_last.safetensors", "ranks_unet.png",
+                 "ranks_text_encoder.png", "ranks_best_unet.png", "ranks_best_text_encoder.png", "summary.json",
                  "samples/step000004.png"]:
         assert (run / name).exists(), name
     args = json.load(open(run / "args.json"))
     assert args["model"] == "tiny" and args["data"] == "phantom" and args["adapter"].endswith("adapter.safetensors")
+    assert (args["data_seed"], args["fisher"], args["cfg_dropout"], args["preset"]) == (0, "sample", 0.0, None)
     records = log(run)
     steps = [r for r in records if "loss" in r]
     assert [r["step"] for r in steps] == [1, 2, 3, 4]
@@ -62,6 +64,33 @@ def test_run_folder_holds_everything(demo):
     assert grown and {r["step"] for r in grown} <= {2, 4} and all(r["ratio"] >= 1.1 for r in grown)
     assert steps[-1]["total_rank"] > steps[0]["total_rank"]
     assert "total rank" in r.stdout
+
+
+def test_summary_records_what_the_tables_report(demo):
+    """summary.json: parameters per part, wall time, peak memory, best and last adapters; the best adapter's
+    metadata holds its step and validation loss."""
+    run, _ = demo
+    from minisd.adapters import read_adapter
+    summary = json.load(open(run / "summary.json"))
+    assert summary["finished"] and summary["step"] == summary["total_steps"] == 4
+    assert summary["wall_time_s"] > 0 and summary["peak_memory"]["bytes"] > 2**20
+    assert summary["peak_memory"]["measure"] == "max_rss"
+    validations = [x for x in log(run) if x.get("event") == "validation"]
+    best = min(validations, key=lambda x: x["val_loss"])
+    tensors, meta = read_adapter(str(run / "adapter.safetensors"))
+    assert (meta["step"], meta["val_loss"]) == (summary["best"]["step"], summary["best"]["val_loss"]) == (best["step"], best["val_loss"])
+    assert summary["best"]["ranks"] == meta["ranks"]
+    assert summary["best"]["heatmaps"] == {"unet": "ranks_best_unet.png", "text_encoder": "ranks_best_text_encoder.png"}
+    last = summary["last"]
+    assert last["adapter"] == "adapter_last.safetensors" and last["step"] == 4
+    assert last["ranks"] == read_adapter(str(run / "adapter_last.safetensors"))[1]["ranks"]
+    trainable = {"unet": 0, "text_encoder": 0}
+    for key, t in tensors.items():
+        trainable["unet" if key.startswith("model.diffusion_model.") else "text_encoder"] += t.numel()
+    for part, n in trainable.items():
+        counts = summary["best"]["parameters"][part]
+        assert counts["trainable"] == n and counts["percent"] == pytest.approx(100 * n / counts["total"])
+    assert summary["best"]["parameters"]["all"]["trainable"] == sum(trainable.values())
 
 
 def test_adapter_records_ranks_and_history(demo):
@@ -115,14 +144,16 @@ def test_lambda_orders_growth(tmp_path):
     # λ = 1e6, not 100: with B still near zero at the first test, a layer whose initial A row is nearly
     # orthogonal to its inputs can legitimately reach an FI-ratio in the hundreds.
     for lam in ("1.0", "1.3", "1e6"):
-        train(tmp_path, "--max-steps", "4", "--val-images", "0", "--lambda", lam, "--run-name", f"lam{lam}")
+        r = train(tmp_path, "--max-steps", "4", "--val-images", "0", "--lambda", lam, "--run-name", f"lam{lam}")
+        assert ("warning: --lambda 1: every FI-ratio is at least 1" in r.stderr) == (lam == "1.0")
         totals[lam] = [r for r in log(tmp_path / "runs" / f"lam{lam}") if "loss" in r][-1]["total_rank"]
     n_layers = [r for r in log(tmp_path / "runs" / "lam1e6") if "loss" in r][0]["total_rank"]
     assert totals["1.0"] >= totals["1.3"] > totals["1e6"] == n_layers
 
 
 def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
-    common = ["--max-steps", "4", "--val-images", "0"]
+    """With the batch estimator: the candidates' gradients are averaged with the parameters' ones."""
+    common = ["--max-steps", "4", "--val-images", "0", "--fisher", "batch"]
     train(tmp_path, *common, "--batch-size", "2", "--run-name", "one")
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", os.path.join(ROOT, "train.py"),
                         *FAST, *common, "--batch-size", "1", "--run-name", "two"], cwd=tmp_path, capture_output=True,
@@ -152,6 +183,18 @@ def test_bad_input_is_one_line(tmp_path, args, expect):
     lines = [line for line in r.stderr.strip().splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and expect in lines[0], r.stderr[-2000:]
     assert "Traceback" not in r.stderr
+
+
+def test_preset_with_explicit_flags_and_warnings(tmp_path, monkeypatch):
+    """--preset authors fills what was not given; args.json records the resolved values. A run shorter than
+    the test interval is warned about."""
+    script = load_script("train.py")
+    monkeypatch.chdir(tmp_path)
+    with pytest.warns(UserWarning, match=r"SeLoRA tests ranks every 3 steps \(--expand-every\) and this run has 1 "):
+        script.main([*FAST, "--max-steps", "1", "--val-images", "0", "--val-max", "1", "--preset", "authors",
+                     "--alpha", "2", "--expand-every", "3", "--run-name", "authors"])
+    args = json.load(open(tmp_path / "runs" / "authors" / "args.json"))
+    assert (args["preset"], args["alpha"], args["lam"], args["cfg_dropout"], args["fisher"]) == ("authors", 2.0, 1.3, 0.0, "batch")
 
 
 def test_non_finite_loss_stops_with_the_last_checkpoint_intact(tmp_path, monkeypatch, capsys):

@@ -4,7 +4,8 @@
 Every method is stored as its equivalent plain LoRA (AdaLoRA: B = P, A = Λ·Q over its live triplets;
 DyLoRA: all r_max ranks), so any adapter loads for inference as a per-layer-rank LoRA with the stored scale.
 Metadata (all strings): format, format_version, method, alpha, scale, ranks {layer: r}, fingerprint of the
-base model, args (training arguments), rank_history (SeLoRA growth events).
+base model, args (training arguments, the data split's data_seed among them), rank_history (SeLoRA growth
+events); train.py adds step and val_loss (the step the file was saved at and its validation loss).
 """
 import hashlib
 import json
@@ -38,8 +39,9 @@ def fingerprint(sd):
     return h.hexdigest()
 
 
-def save_adapter(path, sd, method, alpha, args=None, rank_history=None):
-    """Write sd's adapters to `path` atomically (temp file + rename). Layers of rank 0 are left out."""
+def save_adapter(path, sd, method, alpha, args=None, rank_history=None, **extra):
+    """Write sd's adapters to `path` atomically (temp file + rename), with `extra` JSON metadata fields.
+    Layers of rank 0 are left out."""
     if method not in METHODS:
         raise MinisdError(f"unknown adapter method {method!r}: choose one of {', '.join(METHODS)}")
     layers = adapted_layers(sd)
@@ -56,7 +58,7 @@ def save_adapter(path, sd, method, alpha, args=None, rank_history=None):
         tensors[f"{name}.lora_B"] = B.detach().cpu().contiguous()
     if len(scales) != 1:
         raise ValueError(f"adapters with different scales {sorted(scales)} cannot share one file")
-    write_adapter(path, tensors, method, alpha, scales.pop(), ranks, fingerprint(sd), args, rank_history)
+    write_adapter(path, tensors, method, alpha, scales.pop(), ranks, fingerprint(sd), args, rank_history, **extra)
 
 
 def write_adapter(path, tensors, method, alpha, scale, ranks, base_fingerprint, args=None, rank_history=None, **extra):
