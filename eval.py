@@ -2,6 +2,7 @@
 
   python eval.py --real DIR --fake DIR [--prompts FILE]          two image folders
   python eval.py --model M --adapter A --data NAME --data-root D  generate from the test prompts, per seed
+  python eval.py --run NAME                                       a run, on the test split it recorded
   python eval.py                                                  the most recent run in runs/
 
 Writes eval.json and eval.md (and grid.png) to --out and prints the Markdown table.
@@ -13,8 +14,10 @@ import warnings
 from pathlib import Path
 
 import minisd
+from minisd.adapters import read_adapter
 from minisd.cli import (PRECISIONS, ArgumentParser, check, check_data_root, check_finite, check_pixels, check_seed,
-                        check_steps, main_guard, output_folder, pick_device, warn_half_precision_on_cpu)
+                        check_steps, data_seed_of, main_guard, output_folder, pick_device, read_run_record, run_folder,
+                        warn_half_precision_on_cpu)
 from minisd.errors import MinisdError
 from minisd.evaluation import evaluate_folders, evaluate_model, latest_run, markdown, save_grid
 from minisd.inception import DIMS, RESIZE_MODE
@@ -32,11 +35,13 @@ def parse_args(argv):
     g.add_argument("--model", help="checkpoint file, diffusers folder, hub id or 'tiny' "
                                    f"(default {minisd.DEFAULT_MODEL})")
     g.add_argument("--adapter", help="adapter .safetensors written by train.py")
+    g.add_argument("--run", help="runs/NAME: its model, data and adapter (--model, --adapter, --data-root override), "
+                                 "evaluated on its recorded split manifest at its resolution")
     g.add_argument("--data", help="data set name: iuxray, montgomery, folder, phantom")
     g.add_argument("--data-root", help="data folder (default data/NAME)")
     g.add_argument("--split", default="test")
     g.add_argument("--data-seed", type=int,
-                   help="seed of the data split: train.py's --seed (default: the run's, else 0)")
+                   help="seed of the data split, train.py's --data-seed (default: the adapter's, else 0)")
     g.add_argument("--resolution", type=int, help="image size (default: the run's, else 224)")
     g.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
                    help="one image set per seed; with N prompts, image k of seed s starts from noise seed s*N+k")
@@ -67,26 +72,71 @@ def resolve_mode(args):
         return "folders"
     if args.prompts:
         raise MinisdError("--prompts needs --real and --fake (with --data the prompts come from the data set)")
-    if not (args.model or args.data or args.adapter):
-        run, record = latest_run()
-        adapter = Path(record.get("adapter") or run / "adapter.safetensors")
-        if not adapter.is_file():
-            raise MinisdError(f"{adapter}: not found (has the run finished?); pass --adapter PATH")
-        args.model, args.data, args.adapter = record["model"], record["data"], str(adapter)
-        check_data_root(args.data, args.data_root)
-        args.data_root = args.data_root or record.get("data_root")
-        args.resolution = args.resolution or record.get("resolution")
-        args.data_seed = record.get("seed", 0) if args.data_seed is None else args.data_seed
-        args.out = args.out or str(run / "eval")
-        print(f"evaluating run {run}: model {args.model}, data {args.data}, split {args.split}", file=sys.stderr)
+    args.manifest = None
+    if args.run or not (args.model or args.data or args.adapter):
+        resolve_run(args)
     elif not args.data:
         raise MinisdError("--model/--adapter need --data NAME for the test prompts and real images")
     else:
         check_data_root(args.data, args.data_root)
+        if args.adapter:
+            resolve_adapter(args)
     args.model = args.model or minisd.DEFAULT_MODEL
     args.data_seed = args.data_seed or 0
     args.out = args.out or "eval"
     return "model"
+
+
+def resolve_run(args):
+    """--run NAME, or the latest run: its model, data, resolution and adapter, and the manifest of the
+    split it recorded (runs made before manifests of every split were kept: the split re-drawn with the
+    seed it was drawn with)."""
+    for flag in ("data", "data_seed"):
+        if getattr(args, flag) is not None:
+            raise MinisdError(f"--{flag.replace('_', '-')} with a run: a run is evaluated on the split it recorded "
+                              f"(for other data, give --adapter and --data instead)")
+    if args.run:
+        folder = Path(run_folder("--run", args.run))
+        try:
+            record = read_run_record(folder, required=("model", "data"))
+        except MinisdError as e:
+            raise MinisdError(f"--run {args.run}: {e}") from None
+    else:
+        folder, record = latest_run()
+    adapter = Path(args.adapter or folder / "adapter.safetensors")   # the folder named is the run, wherever it was made
+    if not adapter.is_file():
+        raise MinisdError(f"{adapter}: not found (has the run finished?); pass --adapter PATH")
+    args.model, args.data, args.adapter = args.model or record["model"], record["data"], str(adapter)
+    check_data_root(args.data, args.data_root)
+    args.data_root = args.data_root or record.get("data_root")
+    args.resolution = args.resolution or record.get("resolution")
+    args.data_seed = data_seed_of(record)
+    manifest = folder / f"manifest_{args.split}.jsonl"
+    if manifest.is_file():
+        args.manifest = str(manifest)
+    else:
+        print(f"{manifest}: not recorded; the {args.split} split is drawn again with data seed {args.data_seed}",
+              file=sys.stderr)
+    args.out = args.out or str(folder / "eval")
+    print(f"evaluating run {folder}: model {args.model}, data {args.data}, split {args.split}", file=sys.stderr)
+
+
+def resolve_adapter(args):
+    """Adapter mode: the resolution and, on the data it was trained on, the data seed of its training
+    arguments (its metadata), and its run's manifest when the adapter lies in its run folder."""
+    _, meta = read_adapter(args.adapter)
+    trained = meta.get("args") if isinstance(meta.get("args"), dict) else {}
+    args.resolution = args.resolution or trained.get("resolution")
+    if trained.get("data") != args.data:
+        return
+    seed = data_seed_of(trained)
+    if args.data_seed is not None and args.data_seed != seed:
+        raise MinisdError(f"--data-seed {args.data_seed}: {args.adapter} was trained on the {args.data} split of data "
+                          f"seed {seed}; another split's {args.split} images include its training images")
+    args.data_seed = seed
+    manifest = Path(args.adapter).parent / f"manifest_{args.split}.jsonl"
+    if manifest.is_file():
+        args.manifest = str(manifest)
 
 
 def check_args(args):

@@ -384,6 +384,42 @@ def load_dataset(name, root=None, split="train", resolution=224, seed=0):
     return ImageTextDataset(name, root, split, names, samples, report, resolution)
 
 
+def load_manifest(path, name, root=None, resolution=224):
+    """The samples a run recorded in `path` (a manifest_SPLIT.jsonl of write_manifest), in its order, read
+    from `root` at `resolution`: exactly the recorded split, whatever the data folder holds today."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise MinisdError(f"{path}: cannot be read ({e})") from None
+    samples = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except (ValueError, RecursionError):
+            row = None
+        if not (isinstance(row, dict) and all(isinstance(row.get(key), str) for key in Sample._fields)):
+            raise MinisdError(f"{path}: line {number} is not a manifest row with id, file and prompt")
+        samples.append(Sample(row["id"], row["file"], row["prompt"]))
+    split = path.stem.removeprefix("manifest_")
+    if not samples:
+        raise MinisdError(f"{path}: no samples recorded")
+    if name == "phantom":   # its images are a function of the id: seed and index
+        seed = re.fullmatch(r"phantom-(\d+)-\d+", samples[0].id)
+        ds = PhantomDataset(split, resolution, int(seed.group(1))) if seed and split in THREE_WAY else None
+        if ds is None or [ds.sample_id(i) for i in range(len(ds))] != [sample.id for sample in samples]:
+            raise MinisdError(f"{path}: not a manifest of the phantom's {split!r} split")
+        return ds
+    root = Path(root) if root is not None else Path("data") / name
+    problems = [(sample.file, problem) for sample in samples if (problem := image_problem(root / sample.file))]
+    if problems:
+        raise MinisdError(f"{root / problems[0][0]}: {problems[0][1]}, recorded in {path} "
+                          f"({len(problems)} of its {len(samples)} images cannot be read from {root})")
+    return ImageTextDataset(name, root, split, (split,), samples, {"kept": len(samples)}, resolution)
+
+
 def summary(ds):
     """One line for logs: "iuxray/train: 2,952 images (skipped: 3 no findings or impression, ...)"."""
     skipped = [f"{count:,} {reason}" for reason, count in ds.report.items() if reason != "kept"]

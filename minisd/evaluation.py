@@ -117,11 +117,14 @@ def latest_run(runs="runs"):
 
 
 def evaluate_model(args, device):
-    from .data import load_dataset
+    from .data import load_dataset, load_manifest
     from .sampling import ddim_sample
     resolution = args.resolution or 224
     data_root = args.data_root or os.path.join("data", args.data)
-    items = list(load_dataset(args.data, data_root, split=args.split, resolution=resolution, seed=args.data_seed))
+    if args.manifest:   # the split a run recorded, exactly
+        items = list(load_manifest(args.manifest, args.data, data_root, resolution))
+    else:
+        items = list(load_dataset(args.data, data_root, split=args.split, resolution=resolution, seed=args.data_seed))
     if not items:
         raise MinisdError(f"--data {args.data} --split {args.split}: no samples in {data_root}")
     prompts = [item["prompt"] for item in items]
@@ -155,7 +158,8 @@ def evaluate_model(args, device):
         values = [x[name] for x in numbers]
         summary[name] = {"mean": float(np.mean(values)), "std": float(np.std(values))}  # std with ddof=0
     return {"mode": "model", "model": args.model, "adapter": args.adapter, "data": args.data, "data_root": data_root,
-            "split": args.split, "data_seed": args.data_seed, "resolution": resolution, "seeds": args.seeds,
+            "split": args.split, "data_seed": args.data_seed, "manifest": args.manifest,
+            "ids": [item["id"] for item in items], "resolution": resolution, "seeds": args.seeds,
             "steps": args.steps, "guidance": args.guidance, "summary": summary, "per_seed": per_seed,
             "truncated_prompts": next(iter(per_seed.values()))["truncated_prompts"],
             "images": next(iter(per_seed.values()))["images"], "inception_weights": evaluate.weights}, rows

@@ -189,7 +189,7 @@ def test_model_mode_generates_per_seed_and_summarises(ws, script, tmp_path, monk
     def load_dataset(name, root, split, resolution, seed):
         calls.append((name, root, split, resolution, seed))
         return items
-    monkeypatch.setitem(sys.modules, "minisd.data", types.SimpleNamespace(load_dataset=load_dataset))
+    monkeypatch.setitem(sys.modules, "minisd.data", types.SimpleNamespace(load_dataset=load_dataset, load_manifest=None))
     out = tmp_path / "out"
     report = script.main(["--model", "tiny", "--data", "phantom", "--resolution", "64", "--seeds", "0", "1",
                           "--steps", "1", "--guidance", "1", "--inception-weights", str(ws / "inception.pth"),
@@ -223,3 +223,51 @@ def test_model_mode_generates_per_seed_and_summarises(ws, script, tmp_path, monk
     assert (metrics.to_uint8(again[0]).int() - png).abs().max() <= 1  # batch of 1 vs 3: float rounding
     assert Image.open(out / "grid.png").size == (3 * 130 + 2, 3 * 130 + 2)
     assert "| FID-64 |" in (out / "eval.md").read_text()
+
+
+def write_folder_data(root, n):
+    """A `folder` data set of n small images with captions."""
+    write_images(root, [f"img{i:03d}.png" for i in range(n)], 16, seed=9)
+    rows = "".join(f"img{i:03d}.png,finding number {i}\n" for i in range(n))
+    (root / "metadata.csv").write_text("file_name,text\n" + rows)
+
+
+def manifest_ids(path):
+    return [json.loads(line)["id"] for line in Path(path).read_text().splitlines()]
+
+
+def test_a_run_is_evaluated_on_its_own_test_manifest(ws, script, tmp_path, monkeypatch, capsys):
+    """Trained with --seed 1: the split is the data seed's (0), all three manifests are recorded, and eval.py
+    --run and the adapter mode evaluate exactly the test manifest, also after the data folder changed."""
+    from minisd.data import load_dataset
+    monkeypatch.chdir(tmp_path)
+    write_folder_data(tmp_path / "data", 60)
+    load_script("train.py").main(["--model", "tiny", "--method", "lora", "--data", "folder", "--data-root", "data",
+                                  "--seed", "1", "--resolution", "64", "--batch-size", "2", "--max-steps", "1",
+                                  "--val-max", "2", "--val-images", "0", "--run-name", "leak"])
+    run = tmp_path / "runs" / "leak"
+    ids = {split: manifest_ids(run / f"manifest_{split}.jsonl") for split in ("train", "val", "test")}
+    assert len(ids["test"]) == 2 and not set(ids["test"]) & (set(ids["train"]) | set(ids["val"]))
+    assert len(set(ids["train"]) | set(ids["val"]) | set(ids["test"])) == 60
+    assert ids["test"] == [x["id"] for x in load_dataset("folder", "data", "test", 64, seed=0).manifest()]
+
+    common = ["--seeds", "0", "--steps", "1", "--dims", "64", "--inception-weights", str(ws / "inception.pth"),
+              "--clip-weights", str(ws / "clip.pt")]
+    report = script.main(["--run", "runs/leak", *common])
+    assert report["ids"] == ids["test"] and Path(report["manifest"]) == Path("runs/leak/manifest_test.jsonl")
+    assert (report["data_seed"], report["resolution"]) == (0, 64)
+    assert json.loads((run / "eval" / "eval.json").read_text())["ids"] == ids["test"]
+
+    write_folder_data(tmp_path / "data", 90)   # the folder grew: a split drawn today would differ
+    assert [x["id"] for x in load_dataset("folder", "data", "test", 64, seed=0).manifest()] != ids["test"]
+    report = script.main(["--model", "tiny", "--adapter", str(run / "adapter.safetensors"), "--data", "folder",
+                          "--data-root", "data", "--out", "adapter-mode", *common])
+    assert report["ids"] == ids["test"] and report["resolution"] == 64
+
+    capsys.readouterr()
+    for argv, message in ((["--run", "leak", "--data-seed", "1"], "--data-seed with a run"),
+                          (["--model", "tiny", "--adapter", str(run / "adapter.safetensors"), "--data", "folder",
+                            "--data-root", "data", "--data-seed", "1"], "--data-seed 1: " + str(run / "adapter.safetensors"))):
+        with pytest.raises(SystemExit):
+            script.main(argv + common)
+        assert capsys.readouterr().err.splitlines()[-1].startswith("error: " + message)
