@@ -4,8 +4,9 @@ A SeLoRA rank grown at step 2,000 gets new A and B entries. With torch.optim.Ada
 parameter, their zero moments would be bias-corrected as if they had 2,000 steps behind them, so their
 first updates move several times the learning rate. Here `state["step"]` has the parameter's shape:
 an entry added by `minisd.adapters.grow_parameter` (state padded with zeros, the step count included)
-is updated exactly as a fresh Adam would update it, and an entry that was always there exactly as
-torch.optim.Adam (its non-foreach path, no weight decay) would.
+is updated as a fresh Adam would update it, and an entry that was always there as torch.optim.Adam
+(no weight decay) would: bitwise in float32 against its default path on the CPU; on a GPU, torch's
+foreach path orders the last product differently, to within float rounding.
 
 Every state tensor lives on its parameter's device and `step()` makes no host synchronisation and no
 decision on tensor values, so it can be captured in a CUDA graph.
@@ -54,23 +55,27 @@ def adam_update(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, e
     torch._foreach_mul_(exp_avg_sqs, beta2)
     torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
 
-    steps64 = [s.to(torch.float64) for s in steps]
-    correction1 = torch._foreach_pow(beta1, steps64)  # 1 - beta1^step
-    torch._foreach_neg_(correction1)
-    torch._foreach_add_(correction1, 1)
-    step_size = [torch.full_like(c, -lr) for c in correction1]  # -lr / (1 - beta1^step), one rounding
-    torch._foreach_div_(step_size, correction1)
-    correction2 = torch._foreach_pow(beta2, steps64)  # sqrt(1 - beta2^step)
-    torch._foreach_neg_(correction2)
-    torch._foreach_add_(correction2, 1)
-    torch._foreach_sqrt_(correction2)
-
     denominator = torch._foreach_sqrt(exp_avg_sqs)
-    torch._foreach_div_(denominator, [c.to(d.dtype) for c, d in zip(correction2, denominator)])
+    correction = bias_correction(beta2, steps)
+    torch._foreach_sqrt_(correction)
+    torch._foreach_div_(denominator, [c.to(d.dtype) for c, d in zip(correction, denominator)])
     torch._foreach_add_(denominator, eps)
+    correction = bias_correction(beta1, steps)
+    step_size = [torch.full_like(c, -lr) for c in correction]   # -lr / (1 - beta1^step), rounded once
+    torch._foreach_div_(step_size, correction)
+    del correction
     update = torch._foreach_mul(exp_avgs, [s.to(m.dtype) for s, m in zip(step_size, exp_avgs)])
+    del step_size
     torch._foreach_div_(update, denominator)
     torch._foreach_add_(params, update)
+
+
+def bias_correction(beta, steps):
+    """1 - beta^step per entry, in float64."""
+    correction = torch._foreach_pow(beta, [s.to(torch.float64) for s in steps])
+    torch._foreach_neg_(correction)
+    torch._foreach_add_(correction, 1)
+    return correction
 
 
 def _steps_on_parameters(optimizer):
