@@ -250,7 +250,7 @@ class Trainer:
         """The model as it is now for summary.json, with heat-maps of its ranks (ranks_{kind}PART.png)."""
         ranks, heatmaps = self.ranks(), {}
         for part, title in (("unet", "U-Net"), ("text_encoder", "text encoder")):
-            if rank_heatmap(ranks, part, self.run.file(f"ranks_{kind}{part}.png"), f"{title} at step {self.step},"):
+            if rank_heatmap(ranks, part, self.run.file(f"ranks_{kind}{part}.png"), f"{title} (step {self.step})"):
                 heatmaps[part] = f"ranks_{kind}{part}.png"
         return Measures.adapter_record(self.sd, ranks, self.step, val_loss, adapter, heatmaps)
 
