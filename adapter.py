@@ -12,7 +12,7 @@ import collections
 import torch
 
 import minisd
-from minisd.checkpoint import PREFIXES
+from minisd.checkpoint.names import PREFIXES
 from minisd.cli import ArgumentParser, main_guard
 from minisd.errors import MinisdError
 from minisd.export import export_diffusers, export_kohya, fold, read_pairs

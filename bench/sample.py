@@ -12,7 +12,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import minisd  # noqa: E402
-from minisd import checkpoint  # noqa: E402
+from minisd.checkpoint.writing import save_diffusers  # noqa: E402
 from minisd.cli import PRECISIONS  # noqa: E402
 from minisd.sampling import ddim_sample, initial_latents  # noqa: E402
 from common import environment, median_time, write_json  # noqa: E402
@@ -22,7 +22,7 @@ PROMPT = "frontal chest x-ray, the heart is normal in size, no pleural effusion 
 
 def diffusers_pipeline(sd, folder, dtype, device):
     import diffusers
-    checkpoint.save_diffusers(sd, folder)
+    save_diffusers(sd, folder)
     pipe = diffusers.StableDiffusionPipeline.from_pretrained(folder, torch_dtype=dtype, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)

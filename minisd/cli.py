@@ -9,7 +9,7 @@ import warnings
 
 import torch
 
-from .checkpoint import read_json
+from .checkpoint.files import read_json
 from .errors import MinisdError
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

@@ -15,10 +15,11 @@ import os
 
 import torch
 
-from . import checkpoint
 from .adapters import load_adapter, merge, read_adapter
 from .adapters.inject import PARTS
-from .checkpoint import PREFIXES, atomic_save, to_diffusers_name
+from .checkpoint.files import atomic_save
+from .checkpoint.names import PREFIXES, to_diffusers_name
+from .checkpoint.writing import save_single_file
 from .config import CONFIGS
 from .errors import MinisdError
 
@@ -124,5 +125,5 @@ def fold(sd, adapter_path, out, dtype=None):
     """Fold the adapter into sd's weights (sd is changed) and save a complete original-layout single file."""
     load_adapter(sd, adapter_path)
     merge(sd)
-    checkpoint.save_single_file(sd, str(out), dtype)
+    save_single_file(sd, str(out), dtype)
     return out

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minisd.checkpoint import read_tensors
+from minisd.checkpoint.files import read_tensors
 from minisd.errors import MinisdError
 
 WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"

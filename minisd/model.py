@@ -4,7 +4,9 @@ import os
 import torch
 import torch.nn as nn
 
-from . import checkpoint
+from .checkpoint.configs import config_from_diffusers, infer_config
+from .checkpoint.files import first_line, read_tensors
+from .checkpoint.reading import check_and_convert, read_checkpoint, read_diffusers_folder, split_single_file
 from .config import CONFIGS, ModelConfig
 from .errors import MinisdError
 from .text_encoder import TextEncoder
@@ -54,21 +56,21 @@ def load(source=DEFAULT_MODEL, device="cpu", dtype=torch.float32):
     source = os.fspath(source)
     if source == "tiny":
         return build("tiny", device=device, dtype=dtype)
-    kind, path = checkpoint.read_checkpoint(source)
+    kind, path = read_checkpoint(source)
     locate = None
     if kind == "single":
-        parts = checkpoint.split_single_file(checkpoint.read_tensors(path), path)
-        config = checkpoint.infer_config(parts, path)
+        parts = split_single_file(read_tensors(path), path)
+        config = infer_config(parts, path)
     else:
-        config = checkpoint.config_from_diffusers(path)
+        config = config_from_diffusers(path)
     try:
         with torch.device("meta"):
             model = StableDiffusion(config, source=source)
     except (ValueError, RuntimeError) as e:   # e.g. widths that GroupNorm(32) cannot split
-        raise MinisdError(f"{path}: the architecture it describes cannot be built ({checkpoint.first_line(e)})") from None
+        raise MinisdError(f"{path}: the architecture it describes cannot be built ({first_line(e)})") from None
     if kind == "diffusers":
-        parts, locate = checkpoint.read_diffusers_folder(path, model)
-    parts = checkpoint.check_and_convert(parts, model, path, dtype, locate)
+        parts, locate = read_diffusers_folder(path, model)
+    parts = check_and_convert(parts, model, path, dtype, locate)
     for part, module in model.parts().items():
         module.load_state_dict(parts[part], assign=True)
     return model.to(device).eval().requires_grad_(False)

@@ -4,7 +4,7 @@ import re
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from .checkpoint import PREFIXES
+from .checkpoint.names import PREFIXES
 
 CELL, FONT = 26, ImageFont.load_default()
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import adapters
-from .checkpoint import first_line
+from .checkpoint.files import first_line
 from .data import load_dataset, summary
 from .errors import MinisdError
 from .images import grid, save_png

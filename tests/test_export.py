@@ -12,7 +12,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import minisd
-from minisd import checkpoint
+from minisd.checkpoint.names import PREFIXES, to_diffusers_name
+from minisd.checkpoint.writing import save_diffusers, save_single_file
 from minisd.adapters import adapted_layers, inject, save_adapter
 from minisd.errors import MinisdError
 from minisd.export import export_diffusers, export_kohya, fold
@@ -92,9 +93,9 @@ def test_kohya_layout(adapted, tmp_path):
         assert alpha.dim() == 0 and alpha.dtype == torch.float32
     # Every layer: alpha / r · up · down (what every kohya reader applies) is the adapter's scale · B A.
     for name, layer in layers.items():
-        part = "unet" if name.startswith(checkpoint.PREFIXES["unet"]) else "text_encoder"
-        local = name[len(checkpoint.PREFIXES[part]):]
-        module = checkpoint.to_diffusers_name(part, local + ".weight", sd.config)[:-len(".weight")]
+        part = "unet" if name.startswith(PREFIXES["unet"]) else "text_encoder"
+        local = name[len(PREFIXES[part]):]
+        module = to_diffusers_name(part, local + ".weight", sd.config)[:-len(".weight")]
         key = ("lora_unet_" if part == "unet" else "lora_te_") + module.replace(".", "_")
         down, up = tensors[f"{key}.lora_down.weight"].flatten(1), tensors[f"{key}.lora_up.weight"].flatten(1)
         delta = tensors[f"{key}.alpha"] / down.shape[0] * up.double() @ down.double()
@@ -110,7 +111,7 @@ def diffusers_folder(base, tmp_path_factory):
     """The base model as a diffusers folder (its model_index.json lists the components, which is what
     from_single_file needs to know them from a local config)."""
     folder = tmp_path_factory.mktemp("diffusers")
-    checkpoint.save_diffusers(base, str(folder))
+    save_diffusers(base, str(folder))
     return folder
 
 
@@ -162,9 +163,9 @@ def test_diffusers_load_lora_weights_reproduces_minisd(adapted, base, pipe, tmp_
     layers = adapted_layers(sd)
     assert len(deltas) == len(layers)
     for name, layer in layers.items():
-        part = "unet" if name.startswith(checkpoint.PREFIXES["unet"]) else "text_encoder"
-        local = name[len(checkpoint.PREFIXES[part]):]
-        module = checkpoint.to_diffusers_name(part, local + ".weight", sd.config)[:-len(".weight")]
+        part = "unet" if name.startswith(PREFIXES["unet"]) else "text_encoder"
+        local = name[len(PREFIXES[part]):]
+        module = to_diffusers_name(part, local + ".weight", sd.config)[:-len(".weight")]
         want = layer.scale * layer.lora_B.double() @ layer.lora_A.double()
         assert rel_err(deltas[part, module.removeprefix("text_model.")], want) < 1e-6, name
 
@@ -251,7 +252,7 @@ def test_cli_export_fold_info(adapted, base, cli, tmp_path, capsys):
     cli(["export", str(path), "--format", "diffusers", "--out", str(tmp_path / "d")])
     assert os.path.exists(tmp_path / "d" / "pytorch_lora_weights.safetensors")
 
-    checkpoint.save_single_file(base, str(tmp_path / "base.safetensors"))
+    save_single_file(base, str(tmp_path / "base.safetensors"))
     cli(["fold", "--model", str(tmp_path / "base.safetensors"), "--adapter", str(path),
          "--out", str(tmp_path / "folded.safetensors"), "--dtype", "fp16"])
     folded = minisd.load(str(tmp_path / "folded.safetensors"))

@@ -12,7 +12,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import minisd
-from minisd import checkpoint
+from minisd.checkpoint.files import all_finite
+from minisd.checkpoint.names import PREFIXES
+from minisd.checkpoint.writing import diffusers_configs, save_diffusers, save_single_file
 from minisd.errors import MinisdError
 from helpers import ROOT, random_model
 
@@ -25,7 +27,7 @@ def model():
 @pytest.fixture(scope="module")
 def single(model, tmp_path_factory):
     path = tmp_path_factory.mktemp("single") / "model.safetensors"
-    checkpoint.save_single_file(model, str(path))
+    save_single_file(model, str(path))
     return load_file(str(path))
 
 
@@ -200,7 +202,7 @@ def test_other_models_are_named_for_what_they_are(tmp_path, keys, expect):
     (["unet"], "has no U-Net (keys 'model.diffusion_model.…')"),
 ])
 def test_missing_part_is_named_with_its_prefix(single, tmp_path, drop, expect):
-    prefixes = tuple(checkpoint.PREFIXES[part] for part in drop)
+    prefixes = tuple(PREFIXES[part] for part in drop)
     path = write(tmp_path, {k: v for k, v in single.items() if not k.startswith(prefixes)})
     with pytest.raises(MinisdError, match=re.escape(expect)):
         minisd.load(path)
@@ -218,13 +220,13 @@ def test_inpainting_unet_is_refused(single, tmp_path):
 @pytest.fixture(scope="module")
 def folder(model, tmp_path_factory):
     path = tmp_path_factory.mktemp("diffusers")
-    checkpoint.save_diffusers(model, str(path))
+    save_diffusers(model, str(path))
     return path
 
 
 def configs_only(model, tmp_path, part, **changes):
     """A diffusers folder with config.json files alone (enough for errors found in the configs), one edited."""
-    configs = checkpoint.diffusers_configs(model.config)
+    configs = diffusers_configs(model.config)
     configs[part].update(changes)
     for name, config in configs.items():
         os.makedirs(tmp_path / name)
@@ -282,12 +284,12 @@ def test_all_finite_equals_isfinite_all(dtype, value):
     g = torch.Generator().manual_seed(0)
     for n in [1, 2, 31, 1000, 65537]:
         t = torch.randn(n, generator=g).to(dtype)
-        assert checkpoint.all_finite(t) == bool(torch.isfinite(t).all()) == True   # noqa: E712
+        assert all_finite(t) == bool(torch.isfinite(t).all()) == True   # noqa: E712
         for i in {0, n // 3, n - 1}:
             bad = t.clone()
             bad[i] = value
-            assert checkpoint.all_finite(bad) == bool(torch.isfinite(bad).all()) == False   # noqa: E712
-    assert checkpoint.all_finite(torch.empty(0, 3))
+            assert all_finite(bad) == bool(torch.isfinite(bad).all()) == False   # noqa: E712
+    assert all_finite(torch.empty(0, 3))
 
 
 @pytest.mark.parametrize("value, dtype, expect", [
@@ -390,7 +392,7 @@ def test_file_and_folder_mix_ups_say_what_to_pass(folder, tmp_path, case, expect
 
 
 def test_diffusers_folder_errors(model, tmp_path):
-    checkpoint.save_diffusers(model, str(tmp_path))
+    save_diffusers(model, str(tmp_path))
     vae = tmp_path / "vae" / "diffusion_pytorch_model.safetensors"
     tensors = load_file(str(vae))
     tensors["decoder.bogus.weight"] = torch.zeros(1)
@@ -410,7 +412,7 @@ def test_diffusers_folder_errors(model, tmp_path):
 
 
 def test_old_diffusers_vae_attention_names(model, tmp_path):
-    checkpoint.save_diffusers(model, str(tmp_path))
+    save_diffusers(model, str(tmp_path))
     vae = tmp_path / "vae" / "diffusion_pytorch_model.safetensors"
     old = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
     tensors = {}

@@ -4,7 +4,10 @@ import pytest
 import torch
 
 import minisd
-from minisd import checkpoint
+from minisd.checkpoint.configs import infer_config
+from minisd.checkpoint.names import PREFIXES
+from minisd.checkpoint.reading import split_single_file
+from minisd.checkpoint.writing import save_diffusers, save_single_file
 from minisd.config import CONFIGS
 from helpers import rel_err, random_model
 
@@ -16,8 +19,8 @@ def written(tmp_path_factory):
     """A random tiny model saved as a single file and as a diffusers folder."""
     root = tmp_path_factory.mktemp("ckpt")
     sd = random_model("tiny")
-    checkpoint.save_single_file(sd, str(root / "model.safetensors"))
-    checkpoint.save_diffusers(sd, str(root / "diffusers"))
+    save_single_file(sd, str(root / "model.safetensors"))
+    save_diffusers(sd, str(root / "diffusers"))
     return sd, root
 
 
@@ -86,7 +89,7 @@ def test_full_size_sd15_matches_reference(tmp_path):
     diffusers = pytest.importorskip("diffusers")
     transformers = pytest.importorskip("transformers")
     sd = random_model("sd15")
-    checkpoint.save_diffusers(sd, str(tmp_path))
+    save_diffusers(sd, str(tmp_path))
     assert minisd.load(str(tmp_path)).config == CONFIGS["sd15"]
     g = torch.Generator().manual_seed(0)
     x, t, ctx = torch.randn(1, 4, 28, 28, generator=g), torch.tensor([500]), torch.randn(1, 77, 768, generator=g)
@@ -135,11 +138,11 @@ def test_sd15_architecture_is_read_off_an_original_file():
     """The shapes of a full-size original single file (meta tensors: no memory) give back the sd15 config."""
     with torch.device("meta"):
         sd = minisd.StableDiffusion(CONFIGS["sd15"])
-    tensors = {checkpoint.PREFIXES[part] + k: v for part, m in sd.parts().items() for k, v in m.state_dict().items()}
+    tensors = {PREFIXES[part] + k: v for part, m in sd.parts().items() for k, v in m.state_dict().items()}
     tensors["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.zeros(1, 77, dtype=torch.long)
     tensors["alphas_cumprod"] = torch.zeros(1000)
-    parts = checkpoint.split_single_file(tensors, "v1-5-pruned-emaonly.safetensors")
-    assert checkpoint.infer_config(parts) == CONFIGS["sd15"]
+    parts = split_single_file(tensors, "v1-5-pruned-emaonly.safetensors")
+    assert infer_config(parts) == CONFIGS["sd15"]
 
 
 @pytest.fixture(scope="module", params=["safetensors", "bin", "sharded"])

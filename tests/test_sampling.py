@@ -64,11 +64,11 @@ def test_guided_sampling_is_seeded_and_batch_independent():
 def test_images_equal_the_diffusers_pipeline(tmp_path, guidance):
     """Text to image end to end: the same weights, prompt and seed give diffusers' StableDiffusionPipeline image."""
     diffusers = pytest.importorskip("diffusers")
-    from minisd import checkpoint
+    from minisd.checkpoint.writing import save_diffusers
     from minisd.sampling import ddim_sample
     from helpers import random_model
     sd = random_model("tiny")
-    checkpoint.save_diffusers(sd, str(tmp_path))
+    save_diffusers(sd, str(tmp_path))
     pipe = diffusers.StableDiffusionPipeline.from_pretrained(tmp_path, safety_checker=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     prompt = "frontal chest x-ray, small right pleural effusion"

@@ -2,12 +2,12 @@
 
 Adapters go into every nn.Linear of the U-Net and the text encoder (optionally the U-Net's 1×1
 `proj_in`/`proj_out` convs); every base parameter is frozen and the VAE is never adapted. Layers are
-named by their key in the original single-file checkpoint: minisd.checkpoint.PREFIXES[part] + module path.
+named by their key in the original single-file checkpoint: minisd.checkpoint.names.PREFIXES[part] + module path.
 """
 import torch
 from torch import nn
 
-from ..checkpoint import PREFIXES
+from ..checkpoint.names import PREFIXES
 from ..errors import MinisdError
 from .adalora import AdaLoRALinear
 from .dylora import DyLoRALinear

@@ -15,7 +15,8 @@ import warnings
 import torch
 from safetensors import SafetensorError, safe_open
 
-from ..checkpoint import PREFIXES, atomic_save
+from ..checkpoint.files import atomic_save
+from ..checkpoint.names import PREFIXES
 from ..errors import MinisdError
 from .inject import METHODS, PARTS, adaptable, adapted_layers, freeze, replace_module
 from .lora import AdapterLayer, LoRALinear
