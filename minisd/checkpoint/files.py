@@ -83,6 +83,20 @@ def read_json(path, missing):
     return data
 
 
+def shard_files(index):
+    """The files a sharded checkpoint's .index.json lists in its weight_map, each checked to exist."""
+    weight_map = read_json(index, "").get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(f, str) for f in weight_map.values()):
+        raise MinisdError(f"{index}: no 'weight_map' naming a shard file for each key")
+    shards = []
+    for name in dict.fromkeys(weight_map.values()):
+        path = os.path.join(os.path.dirname(index), name)
+        if not os.path.exists(path):
+            raise MinisdError(f"{index}: shard file {name!r} is missing")
+        shards.append(path)
+    return shards
+
+
 def atomic_save(tensors, path, metadata=None):
     """Write a .safetensors file through a temporary file and a rename, making its folder if needed; a
     path that cannot be written is one error naming it, and leaves no temporary file behind."""
@@ -98,6 +112,23 @@ def atomic_save(tensors, path, metadata=None):
         with contextlib.suppress(OSError):
             os.remove(tmp)
         raise MinisdError(f"{path}: cannot write ({getattr(e, 'strerror', None) or first_line(e)})") from None
+
+
+def atomic_text(text, path):
+    """Write a text file through a temporary file and a rename (the folder must exist)."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise MinisdError(f"{path}: cannot write ({e.strerror or first_line(e)})") from None
+
+
+def atomic_json(data, path):
+    atomic_text(json.dumps(data, indent=2) + "\n", path)
 
 
 def all_finite(t):

@@ -14,6 +14,8 @@ PREFIXES = {
     "vae": "first_stage_model.",
     "text_encoder": "cond_stage_model.transformer.",
 }
+CXR_CLASS = "CXRLatentDiffusion"   # model_index.json's `_class_name` in a chest-X-ray LDM's folder
+CXR_UNET_CLASS = "CXRUNet"          # unet/config.json's
 PART_NAMES = {"unet": "U-Net", "vae": "VAE", "text_encoder": "text encoder"}
 # Per part, in order of preference; each may also be sharded: `<name>.index.json` with a weight_map.
 DIFFUSERS_FILES = {

@@ -1,14 +1,15 @@
-"""Reading SD-1.5 checkpoints: a path, folder or hub id resolved to a single file or a diffusers folder, its
-tensors split into the three networks under our names, and every weight checked against the model."""
+"""Reading checkpoints: a path, folder or hub id resolved to an SD-1.5 single file or diffusers folder (or a
+chest-X-ray LDM's folder), its tensors split into the three networks under our names, and every weight checked
+against the model."""
 import os
 import re
 
 import torch
 
 from ..errors import MinisdError
-from .files import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, all_finite, read_json, read_tensors
+from .files import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, all_finite, read_json, read_tensors, shard_files
 from .foreign import diffusers_root, name_other_models, not_a_diffusers_folder
-from .names import DIFFUSERS_FILES, KNOWN_EXTRAS, PART_NAMES, PREFIXES, normalize_diffusers_name, to_diffusers_name
+from .names import CXR_CLASS, CXR_UNET_CLASS, DIFFUSERS_FILES, KNOWN_EXTRAS, PART_NAMES, PREFIXES, normalize_diffusers_name, to_diffusers_name
 
 
 def split_single_file(tensors, path):
@@ -50,19 +51,6 @@ def find_part_files(folder, part):
                       "or a sharded one's .index.json)")
 
 
-def shard_files(index):
-    weight_map = read_json(index, "").get("weight_map")
-    if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(f, str) for f in weight_map.values()):
-        raise MinisdError(f"{index}: no 'weight_map' naming a shard file for each key")
-    shards = []
-    for name in dict.fromkeys(weight_map.values()):
-        path = os.path.join(os.path.dirname(index), name)
-        if not os.path.exists(path):
-            raise MinisdError(f"{index}: shard file {name!r} is missing")
-        shards.append(path)
-    return shards
-
-
 def read_diffusers_folder(folder, model):
     """Diffusers folder -> (per-part dicts with our names, mapped through `to_diffusers_name`;
     locate(part, name) -> (file, key) that names a weight as the folder holds it)."""
@@ -93,34 +81,36 @@ def check_and_convert(parts, model, source, dtype, locate=None):
     tensors are released as they are converted); VAE attention accepted as [C,C] or [C,C,1,1].
     locate(part, name) -> (file, key) names a weight in messages; by default the single-file key in `source`."""
     locate = locate or (lambda part, name: (source, PREFIXES[part] + name))
+    return {part: check_part(part, module, parts.get(part, {}), dtype, locate) for part, module in model.parts().items()}
+
+
+def check_part(part, module, given, dtype, locate):
+    """check_and_convert for one part: `given` {name: tensor} against `module`'s state dict."""
+    expected = module.state_dict()
+    for name in given:
+        if name not in expected:
+            raise MinisdError("{}: unexpected key {!r}".format(*locate(part, name)))
     out = {}
-    for part, module in model.parts().items():
-        expected = module.state_dict()
-        given = parts.get(part, {})
-        for name in given:
-            if name not in expected:
-                raise MinisdError("{}: unexpected key {!r}".format(*locate(part, name)))
-        out[part] = {}
-        for name, ref in expected.items():
-            file, key = locate(part, name)
-            if name not in given:
-                raise MinisdError(f"{file}: missing key {key!r}")
-            original = given.pop(name)
-            value = original
-            if value.shape != ref.shape and value.numel() == ref.numel() and part == "vae" and ".attn_1." in name:
-                value = value.reshape(ref.shape)
-            if value.shape != ref.shape:
-                raise MinisdError(f"{file}: {key!r} has shape {tuple(value.shape)}, expected {tuple(ref.shape)}")
-            if not value.is_floating_point():
-                raise MinisdError(f"{file}: {key!r} has dtype {value.dtype}, expected floating point")
-            value = value.to(dtype)
-            if not all_finite(value):
-                if bool(torch.isfinite(original).all()):
-                    raise MinisdError(f"{file}: {key!r} has values beyond {str(dtype).replace('torch.', '')} range (largest magnitude "
-                                      f"{original.abs().max().item():.3g}); load the model in float32 or bfloat16")
-                raise MinisdError(f"{file}: {key!r} holds NaN or infinite values (a broken checkpoint: it would give "
-                                  "black or noise images)")
-            out[part][name] = value
+    for name, ref in expected.items():
+        file, key = locate(part, name)
+        if name not in given:
+            raise MinisdError(f"{file}: missing key {key!r}")
+        original = given.pop(name)
+        value = original
+        if value.shape != ref.shape and value.numel() == ref.numel() and part == "vae" and ".attn_1." in name:
+            value = value.reshape(ref.shape)
+        if value.shape != ref.shape:
+            raise MinisdError(f"{file}: {key!r} has shape {tuple(value.shape)}, expected {tuple(ref.shape)}")
+        if not value.is_floating_point():
+            raise MinisdError(f"{file}: {key!r} has dtype {value.dtype}, expected floating point")
+        value = value.to(dtype)
+        if not all_finite(value):
+            if bool(torch.isfinite(original).all()):
+                raise MinisdError(f"{file}: {key!r} has values beyond {str(dtype).replace('torch.', '')} range (largest magnitude "
+                                  f"{original.abs().max().item():.3g}); load the model in float32 or bfloat16")
+            raise MinisdError(f"{file}: {key!r} holds NaN or infinite values (a broken checkpoint: it would give "
+                              "black or noise images)")
+        out[name] = value
     return out
 
 
@@ -131,28 +121,48 @@ HUB_FILES = ["model_index.json", "unet/config.json", "vae/config.json", "text_en
              "text_encoder/model.safetensors.index.json", "text_encoder/model-*-of-*.safetensors"]
 
 
-def resolve_hub_id(repo_id):
-    """Local huggingface cache first, then a download; offline and uncached is a clear error."""
+def resolve_hub_id(repo_id, patterns=HUB_FILES, instead="--model PATH (a single .safetensors file or a diffusers folder)"):
+    """The local folder of a hub model's files matching `patterns`: the huggingface cache first, then a download;
+    offline and uncached is a clear error that says what to pass `instead`."""
     try:
         from huggingface_hub import snapshot_download
     except ImportError:
         raise MinisdError(f"{repo_id!r} is not a local path, and huggingface_hub is not installed to fetch it") from None
     try:
-        return snapshot_download(repo_id, allow_patterns=HUB_FILES, local_files_only=True)
+        return snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True)
     except Exception:
         pass
     try:
-        return snapshot_download(repo_id, allow_patterns=HUB_FILES)
+        return snapshot_download(repo_id, allow_patterns=patterns)
     except Exception as e:
         raise MinisdError(f"{repo_id!r}: no such local file or folder, and as a hub model it is not in the local huggingface "
-                          f"cache and could not be downloaded ({type(e).__name__}); pass a local path: --model PATH "
-                          "(a single .safetensors file or a diffusers folder)") from None
+                          f"cache and could not be downloaded ({type(e).__name__}); pass a local path: {instead}") from None
+
+
+def class_name(path):
+    """The `_class_name` a config file gives, or None (no file, or not one that says)."""
+    try:
+        return read_json(path, "").get("_class_name") if os.path.isfile(path) else None
+    except MinisdError:
+        return None
+
+
+def is_cxr_folder(folder):
+    """Whether `folder` is a chest-X-ray LDM's: its model_index.json, written last, names the class."""
+    if class_name(os.path.join(folder, "model_index.json")) == CXR_CLASS:
+        return True
+    if class_name(os.path.join(folder, "unet", "config.json")) == CXR_UNET_CLASS:
+        raise MinisdError(f"{folder}: a chest-X-ray LDM folder without its model_index.json, which is written last: "
+                          "the writing of this folder was interrupted")
+    return False
 
 
 def read_checkpoint(source):
-    """path | diffusers folder | hub id -> (kind, path): ("single", file) or ("diffusers", folder)."""
+    """path | folder | hub id -> (kind, path): ("single", file), ("diffusers", folder) or ("cxr-ldm", folder)."""
     source = os.path.expanduser(os.fspath(source))
     if os.path.isdir(source):
+        if is_cxr_folder(source):
+            return "cxr-ldm", source
         if not os.path.isdir(os.path.join(source, "unet")):
             raise MinisdError(not_a_diffusers_folder(source))
         return "diffusers", source
