@@ -1,4 +1,5 @@
-"""Hyper-parameters of the three networks; `sd15` is SD-1.5 exactly, `tiny` the same structure made small."""
+"""Hyper-parameters of the three networks and the noise schedule; `sd15` is SD-1.5 exactly, `tiny` the same
+structure made small."""
 from dataclasses import dataclass, field, asdict
 
 
@@ -34,10 +35,19 @@ class TextConfig:
 
 
 @dataclass(frozen=True)
+class ScheduleConfig:
+    """The DDPM noise schedule a model was trained with, over 1000 steps (diffusers' names and meanings)."""
+    beta_schedule: str = "scaled_linear"   # β_t = linspace(√beta_start, √beta_end)²; "linear": linspace(beta_start, beta_end)
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     unet: UNetConfig = field(default_factory=UNetConfig)
     vae: VAEConfig = field(default_factory=VAEConfig)
     text: TextConfig = field(default_factory=TextConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
 
     def to_dict(self):
         return asdict(self)
@@ -45,7 +55,8 @@ class ModelConfig:
     @staticmethod
     def from_dict(d):
         tup = lambda c: {k: tuple(v) if isinstance(v, list) else v for k, v in c.items()}
-        return ModelConfig(UNetConfig(**tup(d["unet"])), VAEConfig(**tup(d["vae"])), TextConfig(**tup(d["text"])))
+        return ModelConfig(UNetConfig(**tup(d["unet"])), VAEConfig(**tup(d["vae"])), TextConfig(**tup(d["text"])),
+                           ScheduleConfig(**d.get("schedule", {})))
 
 
 CONFIGS = {

@@ -22,6 +22,7 @@ from .checkpoint.names import PREFIXES, to_diffusers_name
 from .checkpoint.writing import save_single_file
 from .config import CONFIGS
 from .errors import MinisdError
+from .model import StableDiffusion
 
 # Module paths map through a config only for the number of res blocks per level, 2 in every SD-1.5 model.
 NAMING_CONFIG = CONFIGS["sd15"]
@@ -55,6 +56,8 @@ def adapter_layers(path):
         if part is None:
             raise MinisdError(f"{path}: layer {name} is neither in the U-Net nor in the text encoder")
         local = name[len(PREFIXES[part]):]
+        if part == "text_encoder" and not local.startswith("text_model."):
+            raise MinisdError(f"{path}: layer {name} is not a layer of SD-1.5's CLIP text encoder")
         try:
             module = to_diffusers_name(part, local + ".weight", NAMING_CONFIG).removesuffix(".weight")
         except (AttributeError, KeyError, ValueError):   # the name fits none of the U-Net's naming rules
@@ -123,6 +126,8 @@ def export_diffusers(adapter_path, out):
 
 def fold(sd, adapter_path, out, dtype=None):
     """Fold the adapter into sd's weights (sd is changed) and save a complete original-layout single file."""
+    if not isinstance(sd, StableDiffusion):
+        raise MinisdError(f"{sd.source}: is not an SD-1.5 model; fold writes SD-1.5's single-file layout")
     load_adapter(sd, adapter_path)
     merge(sd)
     save_single_file(sd, str(out), dtype)

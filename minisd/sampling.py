@@ -1,13 +1,21 @@
-"""The DDPM noise schedule of SD-1.5 and DDIM sampling with classifier-free guidance."""
+"""DDPM noise schedules (SD-1.5's by default; a model names its own as `sd.schedule`) and DDIM sampling with
+classifier-free guidance."""
 import torch
 from tqdm import tqdm
+
+from .config import ScheduleConfig
 
 NUM_TRAIN_TIMESTEPS = 1000
 
 
-def alphas_cumprod():
-    """ᾱ_t of the "scaled linear" schedule, t = 0…999 (computed in float64, kept as float32)."""
-    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, NUM_TRAIN_TIMESTEPS, dtype=torch.float64) ** 2
+def alphas_cumprod(schedule=ScheduleConfig()):
+    """ᾱ_t, t = 0…999, of a "scaled_linear" (SD-1.5's) or "linear" β schedule (float64, kept as float32)."""
+    if schedule.beta_schedule == "scaled_linear":
+        betas = torch.linspace(schedule.beta_start ** 0.5, schedule.beta_end ** 0.5, NUM_TRAIN_TIMESTEPS, dtype=torch.float64) ** 2
+    elif schedule.beta_schedule == "linear":
+        betas = torch.linspace(schedule.beta_start, schedule.beta_end, NUM_TRAIN_TIMESTEPS, dtype=torch.float64)
+    else:
+        raise ValueError(f"unknown beta schedule {schedule.beta_schedule!r}")
     return torch.cumprod(1.0 - betas, dim=0).float()
 
 
@@ -46,10 +54,10 @@ def ddim_sample(sd, prompts, negative_prompt="", steps=50, guidance=7.5, height=
     if isinstance(prompts, str):
         prompts = [prompts]
     device, dtype = sd.device, sd.dtype
-    ac = alphas_cumprod().to(device)
+    ac = alphas_cumprod(sd.schedule).to(device)
     timesteps = ddim_timesteps(steps).tolist()
     step_size = NUM_TRAIN_TIMESTEPS // steps
-    all_latents = initial_latents(len(prompts), height, width, seed)
+    all_latents = initial_latents(len(prompts), height, width, seed, channels=sd.config.vae.z_channels)
     images = []
     bar = tqdm(total=len(prompts) * steps, desc="sampling", unit="step", disable=not progress, leave=False)
     for start in range(0, len(prompts), batch_size):

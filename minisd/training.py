@@ -80,7 +80,7 @@ class Trainer:
             raise MinisdError("--precision fp16 needs a GPU; use bf16 or fp32 on the CPU")
 
         self.sd = load(args.model, device=self.device, dtype=torch.float32)
-        self.sd.unet.gradient_checkpointing = self.sd.text_encoder.text_model.encoder.gradient_checkpointing = args.grad_checkpointing
+        self.sd.set_gradient_checkpointing(args.grad_checkpointing)
         torch.manual_seed(args.seed)   # adapter initialisation: the same on every process and every resume
         self.summary = adapters.inject(self.sd, args.method, rank=args.rank, alpha=args.alpha, convs=args.convs,
                                        text_encoder=not args.freeze_text_encoder)
@@ -111,7 +111,7 @@ class Trainer:
         elif args.method == "adalora":
             self.controller = adapters.AdaLoRAController(self.layers.items(), total_steps=self.total_steps, target_rank=args.rank)
         self.generator = torch.Generator().manual_seed(args.seed)
-        self.ac = alphas_cumprod().to(self.device)
+        self.ac = alphas_cumprod(self.sd.schedule).to(self.device)
         self.step, self.best_val, self.rank_history = 0, math.inf, []
         self.measures = Measures(self.device)
         if resume:
@@ -166,7 +166,7 @@ class Trainer:
             self.controller.begin_step(step)
         if self.args.method == "dylora":
             adapters.sample_dylora_rank(self.layers.values(), self.generator)
-        latent_shape = (4, self.args.resolution // 8, self.args.resolution // 8)
+        latent_shape = (self.sd.config.vae.z_channels, self.args.resolution // 8, self.args.resolution // 8)
         total = 0.0
         for micro in range(self.args.grad_accum):
             items = next(batches)
@@ -220,7 +220,7 @@ class Trainer:
         val_loss = None
         if self.val_set is not None and len(self.val_set):
             g = torch.Generator().manual_seed(self.args.seed + 1)
-            shape = (4, self.args.resolution // 8, self.args.resolution // 8)
+            shape = (self.sd.config.vae.z_channels, self.args.resolution // 8, self.args.resolution // 8)
             losses, n = [], min(len(self.val_set), self.args.val_max or len(self.val_set))
             for start in range(0, n, self.args.batch_size):
                 items = [self.val_set[i] for i in range(start, min(n, start + self.args.batch_size))]

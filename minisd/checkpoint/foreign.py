@@ -25,6 +25,7 @@ PARTS_ALONE = [
     (r"^(input_blocks|middle_block|output_blocks|time_embed|down_blocks|mid_block|up_blocks|time_embedding|conv_in)\.",
      "holds a U-Net alone"),
     (r"^(transformer\.)?text_model\.|^embeddings\.token_embedding\.", "holds a text encoder alone"),
+    (r"^(bert\.)?embeddings\.word_embeddings\.", "holds a BERT text encoder alone"),
 ]
 
 
@@ -53,6 +54,9 @@ def not_a_diffusers_folder(folder):
     folder = os.path.abspath(folder)
     if diffusers_root(folder):
         return f"{folder}: the {os.path.basename(folder)}/ of a diffusers folder; pass the folder itself: {diffusers_root(folder)}"
+    config = os.path.join(folder, "config.json")
+    if os.path.isfile(config) and read_json(config, "").get("model_type") == "bert":
+        return f"{folder}: a BERT text encoder alone, not a whole model (a chest-X-ray LDM takes it as its text encoder)"
     index = os.path.join(folder, "model_index.json")
     if os.path.isfile(index):
         pipeline = read_json(index, "").get("_class_name", "pipeline")

@@ -1,8 +1,8 @@
-"""Writing a model as an original-layout single file or as a diffusers folder that diffusers opens as a pipeline."""
+"""Writing SD-1.5 as an original-layout single file or as a diffusers folder that diffusers opens as a pipeline."""
 import json
 import os
 
-from .files import atomic_save
+from .files import atomic_json, atomic_save, atomic_text
 from .names import DIFFUSERS_FILES, PREFIXES, to_diffusers_name
 
 
@@ -50,29 +50,32 @@ def save_diffusers(model, folder, dtype=None):
                 value = value[:, :, 0, 0]   # diffusers keeps the VAE attention as linear layers
             tensors[to_diffusers_name(part, name, model.config)] = (value.to(dtype) if dtype else value).cpu()
         atomic_save(tensors, os.path.join(folder, part, DIFFUSERS_FILES[part][0]))
-        with open(os.path.join(folder, part, "config.json"), "w") as f:
-            json.dump(configs[part], f, indent=2)
+        atomic_json(configs[part], os.path.join(folder, part, "config.json"))
     write_pipeline_files(model, folder)
 
 
 def write_pipeline_files(model, folder):
     """Tokenizer, scheduler and model_index.json, so that the folder opens as a whole pipeline."""
     os.makedirs(os.path.join(folder, "tokenizer"), exist_ok=True)
-    with open(os.path.join(folder, "tokenizer", "vocab.json"), "w") as f:
-        json.dump(model.tokenizer.encoder, f)
-    with open(os.path.join(folder, "tokenizer", "merges.txt"), "w") as f:
-        f.write("#version: 0.2\n" + "\n".join(" ".join(pair) for pair in model.tokenizer.ranks) + "\n")
-    with open(os.path.join(folder, "tokenizer", "tokenizer_config.json"), "w") as f:
-        json.dump({"model_max_length": model.config.text.max_positions, "pad_token": "<|endoftext|>",
-                   "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}, f)
-    os.makedirs(os.path.join(folder, "scheduler"), exist_ok=True)
-    with open(os.path.join(folder, "scheduler", "scheduler_config.json"), "w") as f:
-        json.dump({"_class_name": "DDIMScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
-                   "beta_schedule": "scaled_linear", "clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1,
-                   "prediction_type": "epsilon"}, f, indent=2)
+    atomic_text(json.dumps(model.tokenizer.encoder), os.path.join(folder, "tokenizer", "vocab.json"))
+    atomic_text("#version: 0.2\n" + "\n".join(" ".join(pair) for pair in model.tokenizer.ranks) + "\n",
+                os.path.join(folder, "tokenizer", "merges.txt"))
+    atomic_json({"model_max_length": model.config.text.max_positions, "pad_token": "<|endoftext|>",
+                 "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"},
+                os.path.join(folder, "tokenizer", "tokenizer_config.json"))
+    write_scheduler(model.schedule, folder)
     index = {"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
              "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],
              "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", "DDIMScheduler"],
              "safety_checker": [None, None], "feature_extractor": [None, None], "requires_safety_checker": False}
-    with open(os.path.join(folder, "model_index.json"), "w") as f:
-        json.dump(index, f, indent=2)
+    atomic_json(index, os.path.join(folder, "model_index.json"))
+
+
+def write_scheduler(schedule, folder):
+    """scheduler/scheduler_config.json: diffusers' DDIMScheduler set up as minisd samples (ε-prediction, 1000
+    training steps, ᾱ_0 after the last step, no clipping)."""
+    os.makedirs(os.path.join(folder, "scheduler"), exist_ok=True)
+    atomic_json({"_class_name": "DDIMScheduler", "num_train_timesteps": 1000, "beta_start": schedule.beta_start,
+                 "beta_end": schedule.beta_end, "beta_schedule": schedule.beta_schedule, "clip_sample": False,
+                 "set_alpha_to_one": False, "steps_offset": 1, "prediction_type": "epsilon"},
+                os.path.join(folder, "scheduler", "scheduler_config.json"))
