@@ -183,6 +183,8 @@ def test_bad_checkpoints_name_the_problem(single, tmp_path, case, expect):
     (["input_blocks.0.0.weight", "out.2.weight"], "holds a U-Net alone"),
     (["conv_in.weight", "down_blocks.0.resnets.0.conv1.weight"], "holds a U-Net alone"),
     (["text_model.embeddings.token_embedding.weight"], "holds a text encoder alone"),
+    (["bert.embeddings.word_embeddings.weight", "cls.predictions.bias"], "holds a BERT text encoder alone"),
+    (["embeddings.word_embeddings.weight", "pooler.dense.weight"], "holds a BERT text encoder alone"),
     (["model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight"], "is an SD3 checkpoint"),
     (["double_blocks.0.img_attn.qkv.weight"], "is a Flux checkpoint"),
     (["control_model.input_hint_block.0.weight"], "is a ControlNet"),

@@ -2,7 +2,8 @@
 
 Adapters go into every nn.Linear of the U-Net and the text encoder (optionally the U-Net's 1×1
 `proj_in`/`proj_out` convs); every base parameter is frozen and the VAE is never adapted. Layers are
-named by their key in the original single-file checkpoint: minisd.checkpoint.names.PREFIXES[part] + module path.
+named by their key in the original single-file checkpoint: minisd.checkpoint.names.PREFIXES[part] + module path
+(a chest-X-ray LDM's layers take the same prefixes before its own module paths).
 """
 import torch
 from torch import nn

@@ -6,4 +6,6 @@
 - foreign: what a file or folder is when it is not a model minisd loads
 - reading: SD-1.5 single files, diffusers folders and hub ids
 - writing: SD-1.5 as a single file or a diffusers folder
+- bert:    Hugging Face BERT folders (the chest-X-ray LDM's text encoder)
+- cxr:     the chest-X-ray LDM's folder
 """

@@ -112,7 +112,7 @@ def read_bert_folder(source):
     """A local BERT folder, or a hub id (the huggingface cache first, then a download)."""
     source = os.path.expanduser(os.fspath(source))
     if not os.path.isdir(source):
-        if os.path.exists(source) or not re.fullmatch(r"[\w.-]+/[\w.-]+", source):
+        if os.path.exists(source) or not re.fullmatch(r"[\w.-]+/[\w.-]+", source) or source.startswith((".", "/")):
             raise MinisdError(f"{source}: not a folder; the text encoder is a BERT folder ({LAYOUT}) or a hub id")
         source = resolve_hub_id(source, HUB_FILES, "a BERT folder (config.json, vocab.txt, model.safetensors)")
     config = bert_config(source)
