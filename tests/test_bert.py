@@ -97,7 +97,7 @@ def test_wordpiece_ids_equal_bert_tokenizer(tmp_path, lowercase):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         ours = tokenizer(REPORTS)
-    cased = not lowercase   # BioBERT-cased has no tokenizer_config.json: cased unless it says otherwise
+    cased = not lowercase   # cased unless tokenizer_config.json says otherwise (BioBERT is cased)
     for reference in (transformers.BertTokenizer, BertTokenizerLegacy):
         tokenizer = reference(str(tmp_path / "vocab.txt"), do_lower_case=not cased)
         expected = tokenizer(REPORTS, padding="max_length", truncation=True, max_length=LENGTH)["input_ids"]
@@ -105,6 +105,16 @@ def test_wordpiece_ids_equal_bert_tokenizer(tmp_path, lowercase):
     assert ours[-1, -1] == tokenizer.sep_token_id and (ours[3, 2:] == tokenizer.pad_token_id).all()
     too_long = sum(len(ids) > LENGTH for ids in tokenizer(REPORTS)["input_ids"])
     assert too_long and [str(w.message) for w in caught] == [f"{too_long} prompt(s) longer than {LENGTH} tokens were truncated"]
+
+
+def test_an_uncased_vocabulary_lowercases_when_the_folder_does_not_say(tmp_path):
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "heart", "is", "normal", ".", "x", "##x"]
+    random_bert(len(vocab)).save_pretrained(tmp_path)
+    (tmp_path / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    ours = read_bert_folder(tmp_path).tokenizer(12, "vocab.txt")(["The HEART is Normal. XXXX"])
+    reference = transformers.BertTokenizer(str(tmp_path / "vocab.txt"), do_lower_case=True)
+    assert ours.tolist() == reference(["The HEART is Normal. XXXX"], padding="max_length", max_length=12)["input_ids"]
+    assert 1 not in ours.tolist()[0]   # no [UNK]
 
 
 @pytest.mark.parametrize("config, vocab, message", [

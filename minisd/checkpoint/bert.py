@@ -97,14 +97,16 @@ def read_vocab(path):
     return vocab
 
 
-def tokenizer_settings(folder):
-    """tokenizer_config.json's casing and length. Cased when it does not say (BioBERT-cased ships none)."""
+def tokenizer_settings(folder, vocab):
+    """tokenizer_config.json's casing and length. Where it does not say, the vocabulary tells: an uncased one has
+    no capital letters outside its [SPECIAL] tokens (BioBERT's is cased)."""
     path = os.path.join(folder, "tokenizer_config.json")
     c = read_json(path, "") if os.path.exists(path) else {}
     strip_accents = c.get("strip_accents")
     if strip_accents is not None and not isinstance(strip_accents, bool):
         raise MinisdError(f"{path}: 'strip_accents' is {strip_accents!r}, expected true, false or null")
-    return {"do_lower_case": setting(c, path, "do_lower_case", FLAG, False), "strip_accents": strip_accents,
+    cased = any(token != token.lower() for token in vocab if not (token.startswith("[") and token.endswith("]")))
+    return {"do_lower_case": setting(c, path, "do_lower_case", FLAG, not cased), "strip_accents": strip_accents,
             "model_max_length": c.get("model_max_length")}
 
 
@@ -121,7 +123,7 @@ def read_bert_folder(source):
     if max(vocab.values()) >= config.vocab_size:
         raise MinisdError(f"{vocab_path}: has {max(vocab.values()) + 1} tokens, more than the {config.vocab_size} "
                           f"embeddings of {os.path.join(source, 'config.json')}")
-    return BertFolder(config, *bert_weights(source), vocab, tokenizer_settings(source))
+    return BertFolder(config, *bert_weights(source), vocab, tokenizer_settings(source, vocab))
 
 
 def save_bert_folder(encoder, tokenizer, folder, dtype=None):

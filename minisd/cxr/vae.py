@@ -4,7 +4,7 @@ Encoder: conv 1→32, then one residual block per resolution (32→64 at 256², 
 256→256 at 32²) with self-attention after the blocks at 64² and 32², 2×2 average pooling between resolutions,
 GroupNorm + SiLU + conv 256→16 (mean ‖ log-variance). The decoder is the encoder run backwards (nearest
 upsampling). A residual block is GroupNorm, SiLU and one 3×3 conv beside a (1×1-projected) shortcut: with the
-two convs of SD's blocks these widths would need ≈6 M parameters.
+two convs of SD's blocks these widths would need 5.3 M parameters or more.
 """
 import torch.nn as nn
 import torch.nn.functional as F
