@@ -9,7 +9,9 @@ reason in `ds.report` (for the whole data set; "kept" counts this split), images
 (header and end of file) and the problems are reported in one warning. Splits are drawn from a fixed
 seed over sorted keys, so they do not depend on row order; IU X-Ray splits by study (uid).
 """
+import codecs
 import csv
+import io
 import json
 import os
 import random
@@ -41,6 +43,8 @@ LAYOUTS = {
 SELECTIONS = {"lateral projection"}  # skipped by design, not a problem worth a warning
 UNREADABLE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"
+SMALL = 2   # an image whose shorter side is less than --resolution / SMALL is upscaled more than that: warned
+UPSCALED = f"upscaled more than {SMALL}×"
 
 Sample = namedtuple("Sample", "id file prompt")  # file: relative to the data root
 
@@ -153,6 +157,8 @@ class PhantomDataset(ImageTextDataset):
         self.start, stop = bounds[split]
         self.size, self.seed, self.resolution = stop - self.start, seed, resolution
         self.report = {"kept": self.size}
+        self.split_counts = {name: Counter(images=stop - start) for name, (start, stop) in bounds.items()}
+        self.before_split = Counter()
 
     def __len__(self):
         return self.size
@@ -201,6 +207,33 @@ def assign_splits(keys, fractions, seed):
     return {key: name for name, (start, stop) in bounds.items() for key in keys[start:stop]}
 
 
+def small_image(path, resolution):
+    """Whether the image's shorter side (read from its header) is under resolution / SMALL."""
+    try:
+        with Image.open(path) as image:
+            return min(image.size) * SMALL < resolution
+    except UNREADABLE:
+        return False
+
+
+# ------------------------------------------------------------------------------------------- text files
+BOMS = ((codecs.BOM_UTF8, "utf-8-sig"), (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))
+
+
+def read_text(path):
+    """A text file's contents: UTF-8 (spreadsheet programs start theirs with a byte-order mark), or UTF-16
+    with its byte-order mark. Anything else is refused naming the line, rather than decoded into
+    replacement characters or guessed into mojibake."""
+    data = Path(path).read_bytes()
+    encoding = next((name for bom, name in BOMS if data.startswith(bom)), "utf-8")
+    try:
+        return data.decode(encoding)
+    except UnicodeDecodeError as e:
+        line = data[:e.start].decode(encoding, errors="replace").count("\n") + 1
+        raise MinisdError(f"{path}: line {line} is not {encoding.split('-sig')[0].upper()} text (byte "
+                          f"0x{data[e.start]:02x}); save the file as UTF-8, e.g. iconv -f latin1 -t utf-8") from None
+
+
 # ------------------------------------------------------------------------------------------- readers
 # Each reader returns (candidates, skipped, fractions or split names): candidates are
 # (Sample, group, split or None) with `group` the unit of splitting.
@@ -212,8 +245,7 @@ def present(value):
 
 def read_csv(path, required):
     """Rows of a csv file as dicts, or None for a row with too few or too many fields."""
-    # utf-8-sig: spreadsheet programs start their UTF-8 csv files with a byte-order mark
-    with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
+    with io.StringIO(read_text(path), newline="") as f:
         reader = csv.DictReader(f)
         try:
             columns = reader.fieldnames or []
@@ -265,7 +297,7 @@ def read_montgomery(root):
     candidates, skipped = [], Counter()
     for image in sorted((base / "CXR_png").glob("MCUCXR_*.png")):
         reading = base / "ClinicalReadings" / (image.stem + ".txt")
-        prompt = montgomery_prompt(reading.read_text(encoding="utf-8", errors="replace")) if reading.is_file() else None
+        prompt = montgomery_prompt(read_text(reading)) if reading.is_file() else None
         if prompt is None:
             skipped["no clinical reading" if not reading.is_file() else "empty clinical reading"] += 1
         else:
@@ -307,7 +339,7 @@ def read_folder(root):
         rows = read_csv(path, ("file_name", "text"))
     else:
         rows = []
-        for number, line in enumerate(path.read_text(encoding="utf-8-sig", errors="replace").splitlines(), 1):
+        for number, line in enumerate(read_text(path).splitlines(), 1):
             if line.strip():
                 try:
                     row = json.loads(line)
@@ -363,16 +395,27 @@ def load_dataset(name, root=None, split="train", resolution=224, seed=0):
     if isinstance(splits, dict):
         chosen = assign_splits([group for _, group, _ in candidates], splits, seed)
         candidates = [(sample, group, chosen[group]) for sample, group, _ in candidates]
-    problems = {}
-    samples = []
+    problems, before_split = {}, Counter(skipped)
+    samples, split_counts = [], {name: Counter(images=0) for name in names}
     for sample, _, sample_split in candidates:
         problem = image_problem(root / sample.file)
+        counts = split_counts.setdefault(sample_split, Counter(images=0))
         if problem:
             skipped[problem] += 1
+            counts[problem] += 1
             problems.setdefault(problem, sample.file)
-        elif sample_split == split:
+            continue
+        counts["images"] += 1
+        if small_image(root / sample.file, resolution):
+            counts[UPSCALED] += 1
+            problems.setdefault(UPSCALED, sample.file)
+        if sample_split == split:
             samples.append(sample)
     report = {"kept": len(samples), **dict(skipped.most_common())}
+    upscaled = sum(counts[UPSCALED] for counts in split_counts.values())
+    if upscaled:
+        warnings.warn(f"{name} at {root}: {upscaled:,} images are smaller than half of --resolution {resolution} "
+                      f"and are upscaled more than {SMALL}× (e.g. {problems[UPSCALED]})", stacklevel=2)
     trouble = [f"{count:,} {reason}" for reason, count in skipped.most_common() if reason not in SELECTIONS]
     if trouble:
         examples = "; ".join(f"{reason}: {file}" for reason, file in problems.items())
@@ -381,7 +424,9 @@ def load_dataset(name, root=None, split="train", resolution=224, seed=0):
     if not samples:
         counts = ", ".join(f"{count:,} {reason}" for reason, count in skipped.most_common()) or "none"
         raise MinisdError(f"{name} at {root}: no usable images in split {split!r} (skipped: {counts}); {LAYOUTS[name]}")
-    return ImageTextDataset(name, root, split, names, samples, report, resolution)
+    ds = ImageTextDataset(name, root, split, names, samples, report, resolution)
+    ds.split_counts, ds.before_split = split_counts, before_split
+    return ds
 
 
 def load_manifest(path, name, root=None, resolution=224):
@@ -421,6 +466,13 @@ def load_manifest(path, name, root=None, resolution=224):
 
 
 def summary(ds):
-    """One line for logs: "iuxray/train: 2,952 images (skipped: 3 no findings or impression, ...)"."""
-    skipped = [f"{count:,} {reason}" for reason, count in ds.report.items() if reason != "kept"]
-    return f"{ds.name}/{ds.split}: {len(ds):,} images" + (f" (skipped: {', '.join(skipped)})" if skipped else "")
+    """One line for logs with each split's own counts: "iuxray: train 2,952 images (skipped 1 unreadable
+    image), val 590 images, test 148 images (2 upscaled more than 2×); before the split, skipped 3 malformed row"."""
+    splits = []
+    for split, counts in ds.split_counts.items():
+        skipped = [f"{n:,} {reason}" for reason, n in counts.items() if reason not in ("images", UPSCALED)]
+        notes = ([f"skipped {', '.join(skipped)}"] if skipped else []) + \
+            ([f"{counts[UPSCALED]:,} {UPSCALED}"] if counts[UPSCALED] else [])
+        splits.append(f"{split} {counts['images']:,} images" + (f" ({'; '.join(notes)})" if notes else ""))
+    before = [f"{n:,} {reason}" for reason, n in getattr(ds, "before_split", Counter()).most_common()]
+    return f"{ds.name}: {', '.join(splits)}" + (f"; before the split, skipped {', '.join(before)}" if before else "")

@@ -110,8 +110,18 @@ def test_iuxray_warns_once_with_counts_and_summary(iuxray):
     assert "2 unreadable image" in message and "2 malformed row" in message and "1 missing image" in message
     assert "lateral projection" not in message  # a selection, not a problem
     line = summary(ds)
-    assert line.startswith(f"iuxray/train: {len(ds)} images (skipped: ")
     assert "4 lateral projection" in line and "1 no findings or impression" in line
+
+
+def test_summary_gives_each_split_its_own_counts(iuxray):
+    sizes = {split: len(load_quietly("iuxray", iuxray, split=split, resolution=16)) for split in ("train", "val", "test")}
+    ds = load_quietly("iuxray", iuxray, split="train", resolution=16)
+    line = summary(ds)   # was: "iuxray/train: N images (skipped: <the whole set's counts>)", no test split
+    assert line.startswith(f"iuxray: train {sizes['train']} images")
+    assert f"val {sizes['val']} images" in line and f"test {sizes['test']} images" in line
+    assert sum(ds.split_counts[split]["unreadable image"] for split in sizes) == 2   # each image counted once
+    assert line.count("unreadable image") == sum(ds.split_counts[split]["unreadable image"] > 0 for split in sizes)
+    assert "before the split, skipped " in line and "2 malformed row" in line
 
 
 def test_iuxray_split_by_study(iuxray):
@@ -225,6 +235,35 @@ def test_folder_csv_and_jsonl(tmp_path):
     assert from_csv["train"].manifest() == from_jsonl["train"].manifest()  # the split depends on the rows only
     assert from_csv["train"].report["duplicate file_name"] == 1 and from_csv["train"].report["empty text"] == 1
     assert from_jsonl["train"].report["malformed row"] == 2
+
+
+@pytest.mark.parametrize("name", ["metadata.csv", "metadata.jsonl"])
+def test_text_that_is_not_utf8_is_refused_with_its_line(tmp_path, name):
+    save_png(tmp_path / "a.png")
+    rows = ["file_name,text", "a.png,épanchement pleural"] if name.endswith(".csv") else \
+        [json.dumps({"file_name": "a.png", "text": "épanchement pleural"}, ensure_ascii=False)]
+    (tmp_path / name).write_bytes(("\n".join(rows) + "\n").encode("latin-1"))
+    with pytest.raises(MinisdError, match=rf"{name}: line {len(rows)} is not UTF-8 text \(byte 0xe9\)"):
+        load_dataset("folder", tmp_path, split="train", resolution=8)   # was: "\ufffdpanchement pleural"
+
+
+def test_utf16_text_with_a_byte_order_mark_is_read(tmp_path):
+    for k in range(3):
+        save_png(tmp_path / f"{k}.png", seed=k)
+    text = "file_name,text\n" + "".join(f"{k}.png,épanchement {k}\n" for k in range(3))
+    (tmp_path / "metadata.csv").write_bytes(text.encode("utf-16"))   # Excel's "Unicode text"
+    rows = [r for s in ("train", "val", "test") for r in load_quietly("folder", tmp_path, split=s, resolution=8).manifest()]
+    assert sorted(r["prompt"] for r in rows) == [f"épanchement {k}" for k in range(3)]
+
+
+def test_images_far_smaller_than_the_resolution_are_warned_and_counted(tmp_path):
+    for k in range(10):
+        save_png(tmp_path / f"{k}.png", size=(1, 1) if k < 3 else (40, 40), seed=k)
+    write_csv(tmp_path / "metadata.csv", ["file_name", "text"], [[f"{k}.png", f"caption {k}"] for k in range(10)])
+    with pytest.warns(UserWarning, match=r"3 images are smaller than half of --resolution 32 and are upscaled"):
+        ds = load_dataset("folder", tmp_path, split="train", resolution=32)   # was: silently upscaled
+    assert sum(counts["upscaled more than 2×"] for counts in ds.split_counts.values()) == 3
+    assert "upscaled more than 2×" in summary(ds)
 
 
 def test_folder_split_column(tmp_path):
@@ -371,7 +410,7 @@ def test_phantom_dataset_items_and_splits():
     assert sets["val"].manifest()[5]["file"] == ""
     case = phantom.make_case(3, 1600 + 5)
     assert torch.equal(item["image"][0], torch.from_numpy(phantom.render(case, 32)) * 2 - 1)
-    assert summary(sets["test"]) == "phantom/test: 80 images"
+    assert summary(sets["test"]) == "phantom: train 1,600 images, val 320 images, test 80 images"
 
 
 def test_phantom_is_deterministic_per_seed_and_index():

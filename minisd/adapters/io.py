@@ -15,7 +15,7 @@ import warnings
 import torch
 from safetensors import SafetensorError, safe_open
 
-from ..checkpoint.files import atomic_save
+from ..checkpoint.files import all_finite, atomic_save
 from ..checkpoint.names import PREFIXES
 from ..errors import MinisdError
 from .inject import METHODS, PARTS, adaptable, adapted_layers, freeze, replace_module
@@ -86,6 +86,9 @@ def read_adapter(path):
             tensors = {key: f.get_tensor(key) for key in f.keys()}
     except SafetensorError as e:
         raise MinisdError(f"{path}: not a safetensors file ({e})") from None
+    for key, t in tensors.items():   # a NaN or inf spreads to every image and every merged or folded weight
+        if t.is_floating_point() and not all_finite(t):
+            raise MinisdError(f"{path}: {key} holds non-finite values (NaN or inf); the adapter is broken")
     for field in REQUIRED:
         if field not in raw:
             raise MinisdError(f"{path}: not a minisd adapter file (metadata field {field!r} missing)")

@@ -3,7 +3,6 @@
 Tensors come from .safetensors, or from pickled .ckpt/.pt/.bin files through torch.load(weights_only=True)
 only; writes go through a temporary file and a rename, so a crash never leaves a half-written file.
 """
-import contextlib
 import json
 import os
 import re
@@ -13,6 +12,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..errors import MinisdError
+from ..files import atomic_write
 from .names import KNOWN_EXTRAS
 
 
@@ -103,28 +103,20 @@ def atomic_save(tensors, path, metadata=None):
     path = os.fspath(path)
     if os.path.isdir(path):
         raise MinisdError(f"{path}: is a folder, expected a file name")
-    tmp = f"{path}.tmp{os.getpid()}"
     try:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except (OSError, SafetensorError) as e:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise MinisdError(f"{path}: cannot write ({getattr(e, 'strerror', None) or first_line(e)})") from None
+    except OSError as e:
+        raise MinisdError(f"{path}: cannot write ({e.strerror})") from None
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata), errors=(SafetensorError,))
 
 
 def atomic_text(text, path):
     """Write a text file through a temporary file and a rename (the folder must exist)."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
+    def write(tmp):
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
-        os.replace(tmp, path)
-    except OSError as e:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise MinisdError(f"{path}: cannot write ({e.strerror or first_line(e)})") from None
+    atomic_write(path, write)
 
 
 def atomic_json(data, path):

@@ -1,0 +1,72 @@
+"""Writing files safely: through a temporary file and a rename, with the mode the umask gives any new file,
+and a failed write (a full disk, no permission) reported as one error naming the file."""
+import contextlib
+import errno
+import os
+import re
+import shutil
+
+from .errors import MinisdError
+
+# Temporary names: ours are `<name>.tmp<pid>[suffix]`, safetensors' own are hidden `.tmpXXXXXX` files.
+TEMPORARY = re.compile(r"(.+\.tmp\d*(\.\w+)?|\.tmp\w{6})")
+
+
+def new_file_mode():
+    """0o666 less the umask: the mode open() gives a new file (temporary-file helpers give 0o600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def write_error(path, error):
+    """One error naming `path` for a failed write; a full disk is said as such, whatever raised it
+    (torch.save reports one as a RuntimeError without the OS error)."""
+    from .checkpoint.files import first_line
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        full = shutil.disk_usage(folder).free < 1 << 20
+    except OSError:
+        full = False
+    if getattr(error, "errno", None) == errno.ENOSPC or full:
+        reason = "no space left on the device"
+    else:
+        reason = getattr(error, "strerror", None) or first_line(error)
+    return MinisdError(f"{path}: cannot write ({reason})")
+
+
+def atomic_write(path, write, suffix="", errors=()):
+    """Call `write(temporary path)`, then rename the file into place at `path` with the umask's mode. On
+    failure nothing is left behind and the error names `path`; `errors` are more exception types to catch."""
+    path = os.fspath(path)
+    tmp = f"{path}.tmp{os.getpid()}{suffix}"
+    try:
+        write(tmp)
+        os.chmod(tmp, new_file_mode())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError, *errors) as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise write_error(path, e) from None
+
+
+def remove_temporary_files(folder):
+    """Delete the temporary files that interrupted writes left in `folder` (and below); returns how many."""
+    removed = 0
+    for parent, _, names in os.walk(folder):
+        for name in names:
+            if TEMPORARY.fullmatch(name):
+                with contextlib.suppress(OSError):
+                    os.remove(os.path.join(parent, name))
+                    removed += 1
+    return removed
+
+
+def clear_outputs(folder, patterns):
+    """Delete what an earlier call wrote into `folder` (files matching the glob `patterns`), so that a
+    failed call leaves nothing that a later one could take for its own."""
+    import glob
+    for pattern in patterns:
+        for path in glob.glob(os.path.join(glob.escape(os.fspath(folder)), pattern)):
+            if os.path.isfile(path):
+                os.remove(path)
