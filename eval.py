@@ -19,6 +19,7 @@ from minisd.cli import (PRECISIONS, ArgumentParser, check, check_data_root, chec
                         check_steps, data_seed_of, main_guard, output_folder, pick_device, read_run_record, run_folder,
                         warn_half_precision_on_cpu)
 from minisd.errors import MinisdError
+from minisd.files import clear_outputs
 from minisd.evaluation import evaluate_folders, evaluate_model, latest_run, markdown, save_grid
 from minisd.inception import DIMS, RESIZE_MODE
 
@@ -51,7 +52,10 @@ def parse_args(argv):
     g.add_argument("--precision", choices=PRECISIONS, default="fp32", help="of the diffusion model while sampling")
     g = p.add_argument_group("metrics")
     g.add_argument("--inception-weights", help="pt_inception-2015-12-05-6726825d.pth (default: cache, else download)")
+    g.add_argument("--force-inception-weights", action="store_true",
+                   help="use --inception-weights whose SHA-256 is not pytorch-fid's (FID not comparable; warned)")
     g.add_argument("--clip-weights", help="open_clip ViT-L-14-quickgelu OpenAI weights (default: cache, else download)")
+    g.add_argument("--no-clip", action="store_true", help="no CLIP score (when only the Inception weights are at hand)")
     g.add_argument("--dims", type=int, nargs="+", choices=DIMS, default=list(DIMS), help="Inception dims for FID")
     g.add_argument("--kid-subset-size", type=int, help="default: min(1000, number of images)")
     g.add_argument("--kid-subsets", type=int, default=100)
@@ -59,6 +63,12 @@ def parse_args(argv):
     g.add_argument("--device", default="auto")
     g.add_argument("--out", help="output folder (default eval/, or runs/NAME/eval for a run)")
     return p.parse_args(argv)
+
+
+# What an evaluation writes into --out, removed first so that a failed call leaves nothing a later one could
+# take for its own (a stale eval.json, or images from other weights in a seed folder).
+REPORT_FILES = ("eval.json", "eval.md", "grid.png")
+GENERATED_FILES = ("seed*/[0-9][0-9][0-9][0-9]-*.png", "seed*/prompts.json")
 
 
 def resolve_mode(args):
@@ -165,6 +175,7 @@ def main(argv=None):
     if mode == "model":
         warn_half_precision_on_cpu(args.precision, device)
     out = Path(output_folder("--out", args.out))
+    clear_outputs(out, REPORT_FILES + (GENERATED_FILES if mode == "model" else ()))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         report, rows = (evaluate_folders if mode == "folders" else evaluate_model)(args, device)

@@ -6,6 +6,7 @@ import minisd
 from minisd.cli import (PRECISIONS, ArgumentParser, check, check_finite, check_pixels, check_seed, check_steps, main_guard,
                         output_folder, pick_device, read_run_record, run_folder, warn_half_precision_on_cpu)
 from minisd.errors import MinisdError
+from minisd.files import clear_outputs
 from minisd.images import grid, save_png
 from minisd.sampling import ddim_sample
 
@@ -70,6 +71,7 @@ def main(argv=None):
         adapter = adapter or os.path.join(folder, "adapter.safetensors")
     model = model or minisd.DEFAULT_MODEL
     output_folder("--out", args.out)
+    clear_outputs(args.out, ("[0-9][0-9][0-9][0-9]-seed*.png", "grid.png", "prompts.json"))   # an earlier call's images
     device = pick_device(args.device)
     warn_half_precision_on_cpu(args.precision, device)
     sd = minisd.load(model, device=device, dtype=PRECISIONS[args.precision])

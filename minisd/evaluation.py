@@ -14,7 +14,7 @@ from . import metrics
 from .cli import PRECISIONS, read_run_record
 from .errors import MinisdError
 from .images import grid, save_png
-from .inception import RESIZE_MODE, load_inception, sha256_file, weights_path
+from .inception import RESIZE_MODE, load_inception, sha256_file, verify_weights, weights_path
 from .model import load
 
 GRID_COLUMNS = 8
@@ -26,8 +26,13 @@ class Evaluator:
     def __init__(self, args, device, with_clip):
         path = weights_path(args.inception_weights)
         self.weights = {"path": str(path), "sha256": sha256_file(path)}
+        verify_weights(path, self.weights["sha256"], args.force_inception_weights)
         self.inception = load_inception(path, device)
-        self.clip = metrics.load_clip(args.clip_weights, device) if with_clip else None
+        self.clip = self.clip_weights = None
+        if with_clip and not args.no_clip:
+            self.clip = metrics.load_clip(args.clip_weights, device)
+            clip_file = metrics.clip_weights_file(args.clip_weights)
+            self.clip_weights = {"path": str(clip_file), "sha256": sha256_file(clip_file)}
         self.args, self.device = args, device
         self.real_features = None
 
@@ -46,7 +51,7 @@ class Evaluator:
         mean, std = metrics.kid(self.real_features[kid_dim], fake_features[kid_dim], subset, a.kid_subsets)
         result["kid"] = {"mean": mean, "std": std, "dims": kid_dim, "subset_size": subset, "subsets": a.kid_subsets}
         result["clip_score"] = None
-        if prompts is not None:
+        if prompts is not None and self.clip is not None:
             clip = metrics.clip_score(fake, prompts, self.clip, a.batch_size, self.device)
             result["clip_score"] = {"mean": clip["mean"], "std": clip["std"], "per_image": clip["scores"]}
             result["truncated_prompts"] = clip["truncated"]
@@ -104,7 +109,7 @@ def evaluate_folders(args, device):
     n = min(len(real), len(fake), GRID_COLUMNS)
     rows = [[metrics.to_unit(x) for x in real[:n]], [metrics.to_unit(x) for x in fake[:n]]]
     return {"mode": "folders", "real": str(args.real), "fake": str(args.fake), **result,
-            "inception_weights": evaluate.weights}, rows
+            "inception_weights": evaluate.weights, "clip_weights": evaluate.clip_weights}, rows
 
 
 def latest_run(runs="runs"):
@@ -161,8 +166,9 @@ def evaluate_model(args, device):
             "split": args.split, "data_seed": args.data_seed, "manifest": args.manifest,
             "ids": [item["id"] for item in items], "resolution": resolution, "seeds": args.seeds,
             "steps": args.steps, "guidance": args.guidance, "summary": summary, "per_seed": per_seed,
-            "truncated_prompts": next(iter(per_seed.values()))["truncated_prompts"],
-            "images": next(iter(per_seed.values()))["images"], "inception_weights": evaluate.weights}, rows
+            "truncated_prompts": next(iter(per_seed.values())).get("truncated_prompts", 0),
+            "images": next(iter(per_seed.values()))["images"], "inception_weights": evaluate.weights,
+            "clip_weights": evaluate.clip_weights}, rows
 
 
 # ---------------------------------------------------------------------------------------------- report

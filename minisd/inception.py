@@ -9,6 +9,7 @@ import contextlib
 import hashlib
 import os
 import urllib.error
+import warnings
 from pathlib import Path
 
 import torch
@@ -233,6 +234,19 @@ def sha256_file(path):
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def verify_weights(path, sha256, force=False):
+    """The file must be pytorch-fid's: its name carries the start of its SHA-256 (torch hub's convention),
+    which torch hub checks on download and this checks on every use. FID from other weights is not
+    comparable with published numbers: refused, or with `force` a warning."""
+    if sha256.startswith(WEIGHTS_SHA256_PREFIX):
+        return
+    message = (f"{path}: SHA-256 {sha256[:16]}… is not that of {WEIGHTS_FILE} (which starts {WEIGHTS_SHA256_PREFIX}), "
+               f"so its FID is not comparable with published numbers")
+    if not force:
+        raise MinisdError(message + "; get the file from " + WEIGHTS_URL + " or pass --force-inception-weights")
+    warnings.warn(message)
 
 
 def load_inception(path=None, device="cpu"):

@@ -271,6 +271,15 @@ def load_clip(weights=None, device="cpu", model_name=None):
     return model.eval(), preprocess, open_clip.get_tokenizer(model_name)
 
 
+def clip_weights_file(weights=None, model_name=None):
+    """The file the CLIP weights were read from: `weights`, else open_clip's cached OpenAI download."""
+    if weights is not None:
+        return Path(weights)
+    import open_clip
+    config = open_clip.get_pretrained_cfg(model_name or CLIP_MODEL, "openai")
+    return Path(open_clip.download_pretrained(config, cache_dir=str(cache_dir() / "open_clip")))
+
+
 def clip_score(images, prompts, clip, batch_size=50, device="cpu"):
     """Per image 100 * max(cos(E_img, E_txt), 0) with the (model, preprocess, tokenizer) from load_clip.
 

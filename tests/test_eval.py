@@ -64,7 +64,7 @@ def script(ws, monkeypatch, tmp_path):
 
 def folder_args(ws, out, *extra):
     return ["--real", str(ws / "real"), "--fake", str(ws / "fake"), "--inception-weights", str(ws / "inception.pth"),
-            "--dims", "64", "192", "--out", str(out), "--batch-size", "4", *extra]
+            "--dims", "64", "192", "--out", str(out), "--batch-size", "4", "--force-inception-weights", *extra]
 
 
 def test_folder_mode(ws, script, tmp_path, capsys):
@@ -92,10 +92,13 @@ def test_folder_mode(ws, script, tmp_path, capsys):
 
     assert report["images"] == {"real": 6, "generated": 6}
     assert report["inception_weights"]["sha256"] == hashlib.sha256((ws / "inception.pth").read_bytes()).hexdigest()
+    assert report["clip_weights"] == {"path": str(ws / "clip.pt"),
+                                      "sha256": hashlib.sha256((ws / "clip.pt").read_bytes()).hexdigest()}
     assert report["resize_mode"] == inception.RESIZE_MODE
     warned = " | ".join(report["warnings"])
     assert "FID-64: 6 real / 6 generated images, fewer than the 64 feature dims" in warned
     assert "1 of 6 prompts are longer than 77 tokens" in warned
+    assert "is not that of pt_inception-2015-12-05-6726825d.pth" in warned and "not comparable" in warned
 
     table = (out / "eval.md").read_text()
     assert table in printed.out
@@ -105,10 +108,29 @@ def test_folder_mode(ws, script, tmp_path, capsys):
     assert Image.open(out / "grid.png").size == (6 * 130 + 2, 2 * 130 + 2)
 
 
+def test_inception_weights_of_another_hash_are_refused_unless_forced(ws, script, tmp_path, capsys):
+    argv = [a for a in folder_args(ws, tmp_path / "out") if a != "--force-inception-weights"]
+    with pytest.raises(SystemExit) as stop:   # was: FID computed with any weights of the right shapes
+        script.main(argv)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert f"error: {ws / 'inception.pth'}: SHA-256 " in err and "which starts 6726825d" in err
+    assert "--force-inception-weights" in err
+
+
+def test_no_clip_needs_no_clip_weights(ws, script, tmp_path, monkeypatch):
+    def load_clip(*args, **kwargs):
+        raise AssertionError("CLIP loaded despite --no-clip")
+    monkeypatch.setattr(metrics, "load_clip", load_clip)
+    report = script.main(folder_args(ws, tmp_path / "out", "--prompts", str(ws / "prompts.txt"), "--no-clip"))
+    assert report["clip_score"] is None and report["clip_weights"] is None and report["fid"]
+
+
 def test_ssim_needs_every_name_paired(ws, script, tmp_path):
     write_images(tmp_path / "fake", ["case0.png", "case1.png", "other.png"], 32, seed=3)
     report = script.main(["--real", str(ws / "real"), "--fake", str(tmp_path / "fake"), "--inception-weights",
-                          str(ws / "inception.pth"), "--dims", "64", "--out", str(tmp_path / "out")])
+                          str(ws / "inception.pth"), "--dims", "64", "--out", str(tmp_path / "out"),
+                          "--force-inception-weights"])
     assert report["ssim"] is None and report["psnr"] is None and report["clip_score"] is None
     assert any("only 2 of 3 generated files have a real file of the same name" in w for w in report["warnings"])
 
@@ -191,9 +213,12 @@ def test_model_mode_generates_per_seed_and_summarises(ws, script, tmp_path, monk
         return items
     monkeypatch.setitem(sys.modules, "minisd.data", types.SimpleNamespace(load_dataset=load_dataset, load_manifest=None))
     out = tmp_path / "out"
+    (out / "seed0").mkdir(parents=True)
+    (out / "seed0" / "0099-left-by-a-failed-call.png").write_bytes(b"")
     report = script.main(["--model", "tiny", "--data", "phantom", "--resolution", "64", "--seeds", "0", "1",
                           "--steps", "1", "--guidance", "1", "--inception-weights", str(ws / "inception.pth"),
-                          "--clip-weights", str(ws / "clip.pt"), "--dims", "64", "--out", str(out)])
+                          "--clip-weights", str(ws / "clip.pt"), "--dims", "64", "--out", str(out),
+                          "--force-inception-weights"])
     assert calls == [("phantom", os.path.join("data", "phantom"), "test", 64, 0)]
     assert list(report["per_seed"]) == ["0", "1"] and report["images"] == {"real": 3, "generated": 3}
 
@@ -212,6 +237,7 @@ def test_model_mode_generates_per_seed_and_summarises(ws, script, tmp_path, monk
         assert report["per_seed"][str(seed)]["clip_score"] is not None
         fids.append(fid)
     assert report["summary"]["FID-64"] == {"mean": np.mean(fids), "std": np.std(fids)}
+    assert not (out / "seed0" / "0099-left-by-a-failed-call.png").exists()   # was: in the seed folder, for FID
     assert fids[0] != fids[1]
 
     # an image is reproduced by sampling its prompt alone from its noise seed
