@@ -8,15 +8,18 @@
 import argparse
 import datetime
 import os
+import sys
 import warnings
 
 import minisd
 from minisd.adapters import METHODS
 from minisd.adapters.selora import ESTIMATORS, check_lambda
 from minisd.cli import (PRECISIONS, RUNS, ArgumentParser, check_data_root, check_finite, check_seed, check_steps,
-                        data_seed_of, main_guard, pick_device, read_run_record, run_folder)
+                        data_seed_of, main_guard, pick_device, read_run_record, run_folder, run_name)
 from minisd.data import DATASETS
 from minisd.errors import MinisdError
+from minisd.runs import PLACE_ARGS
+from minisd.stopping import Interrupted
 from minisd.training import Trainer
 
 # The tiny model is the CPU demo: its defaults keep a run to a few minutes on a laptop while still
@@ -25,7 +28,7 @@ TINY_DEFAULTS = {"max_steps": 80, "resolution": 128, "val_max": 64}
 # The SeLoRA authors' released code: alpha 8 at rank 1 (s = 8), λ 1.3, no prompt dropout, squared batch
 # gradients. Flags given on the command line override a preset's values.
 PRESETS = {"authors": {"alpha": 8.0, "lam": 1.3, "cfg_dropout": 0.0, "fisher": "batch"}}
-NEWER_FLAGS = ("data_seed", "fisher", "preset")   # absent from the records of older runs
+NEWER_FLAGS = ("data_seed", "fisher", "preset", "val_every", "tensorboard")   # absent from older runs' records
 
 
 def parser():
@@ -61,20 +64,24 @@ def parser():
                    help=f"validation loss on the first N validation images (default all; tiny model: {TINY_DEFAULTS['val_max']})")
     p.add_argument("--val-images", type=int, default=4, help="images in the sample grid at each validation")
     p.add_argument("--val-steps", type=int, default=25, help="DDIM steps of the validation samples")
-    p.add_argument("--save-every", type=int, default=100, help="steps between checkpoints (also at each epoch end)")
+    p.add_argument("--val-every", type=int, default=100,
+                   help="validate at the end of an epoch at most every this many steps (and at the last step)")
+    p.add_argument("--save-every", type=int, default=100, help="steps between checkpoints (also at each validation)")
     p.add_argument("--seed", type=int, default=0, help="adapter initialisation, batch order and noise")
     p.add_argument("--data-seed", type=int, default=0,
                    help="the train/val/test split (and the phantom's images): a property of the data, not of the run")
     p.add_argument("--device", default="auto")
     p.add_argument("--workers", type=int, help="data loading processes (default 4 on a GPU, 0 on the CPU)")
+    p.add_argument("--tensorboard", action="store_true",
+                   help="also log loss, lr, ranks and sample grids to runs/NAME/tensorboard (needs tensorboard)")
     p.add_argument("--run-name", help=f"folder under {RUNS}/ (default DATA-METHOD-TIME)")
     p.add_argument("--resume", nargs="?", const="", metavar="NAME",
-                   help="continue runs/NAME (default --run-name, else the latest run) from its checkpoint")
+                   help="continue runs/NAME (default --run-name, else the latest run) from its checkpoint; "
+                        "with a larger --max-steps or --epochs, a finished run goes on")
     return p
 
 
-# What a resumed run may change: where it runs, not what it computes.
-RESUME_FLAGS = {"resume", "run_name", "device", "workers"}
+RESUME_FLAGS = {"resume", *PLACE_ARGS}
 
 
 def parse_args(argv):
@@ -92,7 +99,8 @@ def check(args):
     if args.resolution is not None and args.resolution < 1:   # checked before 224 fills in for None
         raise MinisdError(f"--resolution must be at least 1, got {args.resolution}")
     args.resolution = args.resolution or 224
-    positive = ["rank", "expand_every", "fisher_window", "epochs", "batch_size", "grad_accum", "resolution", "save_every"]
+    positive = ["rank", "expand_every", "fisher_window", "epochs", "batch_size", "grad_accum", "resolution", "save_every",
+                "val_every"]
     for name in positive + (["max_steps"] if args.max_steps is not None else []) + (["max_rank"] if args.max_rank is not None else []) \
             + (["val_max"] if args.val_max is not None else []):
         if getattr(args, name) < 1:
@@ -128,34 +136,50 @@ def latest_run():
     return os.path.basename(max(runs, key=os.path.getmtime))
 
 
+def resume_args(args, given):
+    """The recorded arguments of the run to resume, in the folder named (a copied or renamed folder is its own
+    run), with what a resumed run may change: the device, the workers, logging, and a longer run."""
+    if args.resume and args.run_name and run_name("--resume", args.resume) != run_name("--run-name", args.run_name):
+        raise MinisdError(f"--resume {args.resume} and --run-name {args.run_name} name different runs")
+    name = run_name("--resume", args.resume or args.run_name or latest_run())
+    folder = run_folder("--resume", name)
+    try:
+        saved = read_run_record(folder, required=[k for k in vars(args) if k not in ("resume", *NEWER_FLAGS)],
+                                parser=parser())
+    except MinisdError as e:
+        raise MinisdError(f"--resume {name}: {e}") from None
+    # what an older run did: its split was drawn with --seed, its Fisher information per sample, and it
+    # validated at every epoch's end
+    saved.update(data_seed=data_seed_of(saved), fisher=saved.get("fisher", "sample"), preset=saved.get("preset"),
+                 val_every=saved.get("val_every", 1), tensorboard=saved.get("tensorboard", False))
+    changed = sorted(k for k in given - RESUME_FLAGS if getattr(args, k) != saved[k])
+    if changed:
+        flag = changed[0]
+        raise MinisdError(f"--resume continues a run with its recorded arguments: --{flag.replace('_', '-')} "
+                          f"{getattr(args, flag)} differs from the run's {saved[flag]} (only --device, --workers, "
+                          f"--tensorboard, and --max-steps or --epochs to extend it, can change)")
+    resumed = argparse.Namespace(**saved)
+    try:
+        check(resumed)
+    except MinisdError as e:   # a hand-edited value out of range
+        raise MinisdError(f"--resume {name}: {os.path.join(folder, 'args.json')}: {e}") from None
+    resumed.run_name, resumed.adapter = name, os.path.join(folder, "adapter.safetensors")
+    for key in ("max_steps", "epochs", "tensorboard"):
+        if key in given:
+            setattr(resumed, key, getattr(args, key))
+    if "epochs" in given and "max_steps" not in given:
+        resumed.max_steps = None   # --epochs N asks for N epochs, not the recorded step count
+    resumed.device = pick_device(args.device)
+    resumed.workers = default_workers(resumed.device) if args.workers is None else args.workers
+    return resumed, saved
+
+
 @main_guard
 def main(argv=None):
     args, given = parse_args(argv)
+    saved = None
     if args.resume is not None:
-        if args.resume and args.run_name and args.resume != args.run_name:
-            raise MinisdError(f"--resume {args.resume} and --run-name {args.run_name} name different runs")
-        name = args.resume or args.run_name or latest_run()
-        folder = run_folder("--resume", name)
-        try:
-            saved = read_run_record(folder, required=[k for k in vars(args) if k not in ("resume", *NEWER_FLAGS)])
-        except MinisdError as e:
-            raise MinisdError(f"--resume {name}: {e}") from None
-        # what an older run did: its split was drawn with --seed, its Fisher information per sample
-        saved.update(data_seed=data_seed_of(saved), fisher=saved.get("fisher", "sample"), preset=saved.get("preset"))
-        changed = sorted(k for k in given - RESUME_FLAGS if getattr(args, k) != saved[k])
-        if changed:
-            flag = changed[0]
-            raise MinisdError(f"--resume continues a run with its recorded arguments: --{flag.replace('_', '-')} "
-                              f"{getattr(args, flag)} differs from the run's {saved[flag]} (only --device and --workers can change)")
-        device, workers = args.device, args.workers
-        args = argparse.Namespace(**saved)
-        try:
-            check(args)
-        except (MinisdError, TypeError) as e:   # a hand-edited value out of range or of the wrong type
-            raise MinisdError(f"--resume {name}: {os.path.join(folder, 'args.json')}: {e}") from None
-        args.device = pick_device(device)
-        args.workers = default_workers(args.device) if workers is None else workers
-        resume = True
+        args, saved = resume_args(args, given)
     else:
         for name, value in PRESETS.get(args.preset, {}).items():
             if name not in given:
@@ -166,19 +190,37 @@ def main(argv=None):
         check(args)
         check_data_root(args.data, args.data_root)
         args.data_root = args.data_root or os.path.join("data", args.data)
-        args.run_name = args.run_name or f"{args.data}-{args.method}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+        args.run_name = run_name("--run-name", args.run_name or f"{args.data}-{args.method}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
         args.device = pick_device(args.device)
         args.workers = default_workers(args.device) if args.workers is None else args.workers
-        resume = False
     path = run_folder("--run-name", args.run_name)
-    if not resume and os.path.exists(os.path.join(path, "checkpoint.pt")):
-        raise MinisdError(f"{path} already holds a run: continue it with --resume {args.run_name} or pick another --run-name")
+    resume = saved is not None and os.path.exists(os.path.join(path, "checkpoint.pt"))
     record = {k: v for k, v in vars(args).items() if k != "resume"}
+    record["adapter"] = os.path.join(path, "adapter.safetensors")
     trainer = Trainer(argparse.Namespace(**record), path, resume)
-    if trainer.run.writer and not resume:
-        record["adapter"] = os.path.join(path, "adapter.safetensors")
-        trainer.run.save_json("args.json", record)
-    trainer.fit()
+    if resume:
+        check_extension(trainer, saved, path)
+    trainer.run.save_json("args.json", record)   # on resume too: a copied run records its own name
+    try:
+        with trainer.stop:
+            trainer.fit()
+    except Interrupted as stop:
+        print(f"interrupted at step {stop.step}; resume with: python train.py --resume {args.run_name}", file=sys.stderr)
+        sys.exit(stop.exit_code)
+
+
+def check_extension(trainer, saved, path):
+    """A resumed run may end later than recorded, never before its checkpoint; AdaLoRA's budget schedule is
+    fixed by its total steps."""
+    if trainer.total_steps < trainer.step:
+        raise MinisdError(f"{path} is at step {trainer.step}: a run of {trainer.total_steps} steps would end before "
+                          f"it (give a larger --max-steps or --epochs to continue it)")
+    recorded = saved["max_steps"] or saved["epochs"] * trainer.steps_per_epoch
+    if trainer.args.method == "adalora" and trainer.total_steps != recorded:
+        raise MinisdError(f"--max-steps/--epochs: an adalora run's rank budget schedule follows its {recorded} "
+                          f"steps, so it cannot be extended")
+    if trainer.step == trainer.total_steps:
+        print(f"{path} finished at step {trainer.step}; to continue it give --max-steps or --epochs beyond that")
 
 
 if __name__ == "__main__":

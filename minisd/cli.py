@@ -1,6 +1,7 @@
 """What every script shares: bad input is one `error:` line and exit status 2, never a traceback."""
 import argparse
 import functools
+import json
 import math
 import os
 import re
@@ -8,6 +9,7 @@ import sys
 import warnings
 
 import torch
+from tqdm import tqdm
 
 from .checkpoint.files import read_json
 from .errors import MinisdError
@@ -18,8 +20,35 @@ SEED_MAX = 2**32 - 1   # numpy's range; seed * 100003 + epoch (train.py's shuffl
 MAX_STEPS = 1000       # DDIM steps: at most one per training timestep
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions as written; each flag's help ends with its default, unless it has none or says it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        shown = action.default not in (None, False, argparse.SUPPRESS) and action.option_strings
+        if shown and "default" not in text:
+            value = " ".join(map(str, action.default)) if isinstance(action.default, list) else action.default
+            text += f" (default: {value})"
+        return text
+
+
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse, with a flag it cannot parse reported as the same one `error:` line as any other bad input."""
+    """argparse, with a flag it cannot parse reported as the same one `error:` line as any other bad input,
+    and defaults shown in --help."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def add_argument(self, *args, **kwargs):
+        kwargs.setdefault("help", "")   # so that the formatter can show the default of a flag without help
+        return super().add_argument(*args, **kwargs)
+
+    def add_argument_group(self, *args, **kwargs):
+        group = super().add_argument_group(*args, **kwargs)
+        add = group.add_argument
+        group.add_argument = lambda *a, **k: add(*a, **{"help": "", **k})
+        return group
 
     def error(self, message):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
@@ -29,6 +58,7 @@ def main_guard(main):
     @functools.wraps(main)
     def run(argv=None):
         warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}\n"
+        warnings.showwarning = show_warning
         try:
             return main(argv)
         except MinisdError as e:
@@ -41,6 +71,11 @@ def main_guard(main):
             print("interrupted", file=sys.stderr)
             sys.exit(130)
     return run
+
+
+def show_warning(message, category, filename, lineno, file=None, line=None):
+    """Warnings go above a progress bar, not through it (tqdm.write clears the bar and redraws it)."""
+    tqdm.write(warnings.formatwarning(message, category, filename, lineno, line).rstrip("\n"), file=file or sys.stderr)
 
 
 def pick_device(name="auto"):
@@ -106,24 +141,31 @@ def output_folder(flag, path):
     return path
 
 
-def run_folder(flag, name):
-    """runs/NAME: a run is named by its folder name under runs/ (NAME, or runs/NAME as the shell completes
-    it), never by a path that could leave it."""
-    folder, base = os.path.split(os.path.normpath(name)) if name else ("", name)
-    if folder == RUNS:
-        name = base
-    if not name or name in (".", "..") or os.sep in name or (os.altsep and os.altsep in name):
-        raise MinisdError(f"{flag} {name!r}: a run name is one folder name under {RUNS}/, not a path")
-    return os.path.join(RUNS, name)
+def run_name(flag, text):
+    """NAME from NAME or runs/NAME (as tab completion writes it, with or without ./ and a trailing slash):
+    a run is named by its folder name under runs/, never by a path that could leave it."""
+    name = re.sub(rf"^(\./)*{RUNS}/+", "", text.replace(os.altsep or os.sep, os.sep)).rstrip(os.sep) if text else text
+    if not name or name in (".", "..") or os.sep in name:
+        raise MinisdError(f"{flag} {text!r}: a run name is one folder name under {RUNS}/, not a path")
+    return name
 
 
-def read_run_record(folder, required=()):
-    """A run's args.json as a dict, with the `required` keys present."""
+def run_folder(flag, text):
+    """runs/NAME for a run named NAME or runs/NAME."""
+    return os.path.join(RUNS, run_name(flag, text))
+
+
+def read_run_record(folder, required=(), parser=None):
+    """A run's args.json as a dict, with the `required` keys present and, given the `parser` that made it,
+    each value of the type its flag parses to."""
     path = os.path.join(folder, "args.json")
     record = read_json(path, "train.py records every run's arguments there")
     missing = [key for key in required if key not in record]
     if missing:
         raise MinisdError(f"{path}: {', '.join(map(repr, missing))} not recorded")
+    for action in parser._actions if parser else ():
+        if action.dest in record:
+            check_recorded_type(path, action, record[action.dest])
     return record
 
 
@@ -131,3 +173,30 @@ def data_seed_of(record):
     """The seed of the data split of a run's recorded arguments; runs made before --data-seed existed drew
     their split with --seed."""
     return record.get("data_seed", record.get("seed", 0))
+
+
+TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+
+
+def of_type(value, expected):
+    """isinstance, where bool is no int and an int is a float (JSON writes 1.0 as 1 from some tools)."""
+    if expected is bool or isinstance(value, bool):
+        return expected is bool and isinstance(value, bool)
+    return isinstance(value, (int, float) if expected is float else expected)
+
+
+def check_recorded_type(path, action, value):
+    """An error naming the field unless `value` is what `action`'s flag parses to (or its None default)."""
+    if value is None and action.default is None:
+        return
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+        expected = bool
+    else:
+        expected = action.type if action.type in TYPE_NAMES else str
+    values = value if action.nargs in ("+", "*") and isinstance(value, list) else [value]
+    for v in values:
+        if not of_type(v, expected):
+            raise MinisdError(f"{path}: {action.dest!r} is {json.dumps(value)}, expected {TYPE_NAMES[expected]}")
+        if action.choices is not None and v not in action.choices:
+            raise MinisdError(f"{path}: {action.dest!r} is {json.dumps(value)}, expected one of "
+                              f"{', '.join(map(str, action.choices))}")

@@ -1,12 +1,13 @@
-"""Rank heat-maps: one PNG per adapted model, rows = kind of layer (q, k, v, out, …), columns = blocks."""
+"""Figures of a run, drawn with matplotlib (no display needed): rank heat-maps, one per adapted model
+(rows = kind of layer: q, k, v, out, …; columns = blocks, the paper's Fig. 3/4), and the loss curve."""
 import re
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
 from .checkpoint.names import PREFIXES
-
-CELL, FONT = 26, ImageFont.load_default()
+from .files import atomic_write
 
 
 def split_name(part, name):
@@ -24,12 +25,9 @@ def split_name(part, name):
     return path.split(".")[0], path
 
 
-def color(value, vmax):
-    """A dark-blue to yellow ramp (viridis-like) for value in 0..vmax."""
-    stops = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], dtype=float)
-    x = 0.0 if vmax <= 0 else min(max(value / vmax, 0.0), 1.0) * (len(stops) - 1)
-    i = min(int(x), len(stops) - 2)
-    return tuple(int(c) for c in stops[i] + (stops[i + 1] - stops[i]) * (x - i))
+def save_figure(figure, path):
+    FigureCanvasAgg(figure)
+    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=100, bbox_inches="tight"), suffix=".png")
 
 
 def rank_heatmap(ranks, part, path, title=""):
@@ -39,25 +37,50 @@ def rank_heatmap(ranks, part, path, title=""):
         return False
     columns = list(dict.fromkeys(c for c, _, _ in cells))
     rows = list(dict.fromkeys(r for _, r, _ in cells))
-    vmax = max(r for _, _, r in cells)
-    left = max(FONT.getlength(r) for r in rows) + 8
-    top = max(FONT.getlength(c) for c in columns) + 24
-    image = Image.new("RGB", (int(left + CELL * len(columns) + 8), int(top + CELL * len(rows) + 8)), "white")
-    draw = ImageDraw.Draw(image)
-    draw.text((4, 4), f"{title} ranks (max {vmax})", fill="black", font=FONT)
-    for j, c in enumerate(columns):
-        label = Image.new("RGBA", (int(FONT.getlength(c)) + 2, 12), (255, 255, 255, 0))
-        ImageDraw.Draw(label).text((0, 0), c, fill="black", font=FONT)
-        label = label.rotate(90, expand=True)
-        image.paste(label, (int(left + j * CELL + CELL // 2 - 6), int(top - label.height - 2)), label)
-    for i, r in enumerate(rows):
-        draw.text((4, top + i * CELL + CELL // 2 - 6), r, fill="black", font=FONT)
+    grid = np.full((len(rows), len(columns)), np.nan)
     for c, r, value in cells:
-        x, y = left + columns.index(c) * CELL, top + rows.index(r) * CELL
-        fill = color(value, vmax)
-        draw.rectangle([x, y, x + CELL - 2, y + CELL - 2], fill=fill)
-        text = str(value)
-        draw.text((x + (CELL - 2 - FONT.getlength(text)) / 2, y + CELL // 2 - 7), text,
-                  fill="black" if sum(fill) > 380 else "white", font=FONT)
-    image.save(path)
+        grid[rows.index(r), columns.index(c)] = value
+    vmax = int(np.nanmax(grid))
+    figure = Figure(figsize=(max(4.0, 0.32 * len(columns) + 3), max(2.5, 0.3 * len(rows) + 1.5)))
+    axes = figure.add_subplot()
+    image = axes.imshow(np.ma.masked_invalid(grid), cmap="viridis", vmin=0, vmax=max(vmax, 1), aspect="auto")
+    if len(rows) * len(columns) <= 600:   # numbers in the cells while they stay legible
+        for (i, j), value in np.ndenumerate(grid):
+            if not np.isnan(value):
+                axes.text(j, i, int(value), ha="center", va="center", fontsize=6,
+                          color="black" if value > 0.6 * vmax else "white")
+    axes.set_xticks(range(len(columns)), columns, rotation=90, fontsize=7)
+    axes.set_yticks(range(len(rows)), rows, fontsize=7)
+    axes.set_xlabel("block" if part == "unet" else "layer")
+    axes.set_ylabel("adapted linear layer")
+    axes.set_title(f"{title} ranks (total {int(np.nansum(grid))}, max {vmax})")
+    figure.colorbar(image, ax=axes, label="rank")
+    save_figure(figure, path)
+    return True
+
+
+def loss_curve(records, path, smooth=20):
+    """Training loss per step (and its moving average over `smooth` steps) and validation loss, from the
+    records of a run's log.jsonl, as a PNG; returns False when there is no step yet."""
+    steps = [(r["step"], r["loss"]) for r in records if isinstance(r.get("loss"), (int, float))]
+    if not steps:
+        return False
+    validations = [(r["step"], r["val_loss"]) for r in records
+                   if r.get("event") == "validation" and isinstance(r.get("val_loss"), (int, float))]
+    figure = Figure(figsize=(7, 4))
+    axes = figure.add_subplot()
+    x, y = np.array(steps, dtype=float).T
+    axes.plot(x, y, color="tab:blue", alpha=0.3, linewidth=0.8, label="training loss")
+    if len(y) >= smooth:
+        average = np.convolve(y, np.ones(smooth) / smooth, mode="valid")
+        axes.plot(x[smooth - 1:], average, color="tab:blue", label=f"training loss, mean of {smooth} steps")
+    if validations:
+        vx, vy = np.array(validations, dtype=float).T
+        axes.plot(vx, vy, "o-", color="tab:orange", label="validation loss")
+    axes.set_xlabel("step")
+    axes.set_ylabel("ε-prediction MSE")
+    axes.set_title("loss")
+    axes.grid(alpha=0.3)
+    axes.legend()
+    save_figure(figure, path)
     return True

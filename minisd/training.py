@@ -14,19 +14,19 @@ import warnings
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from . import adapters
 from .checkpoint.files import first_line
 from .data import load_dataset, summary
 from .errors import MinisdError
-from .images import grid, save_png
 from .measures import Measures
 from .model import load
 from .optim import Adam
-from .plots import rank_heatmap
-from .runs import Run, atomic_torch_save
+from .plots import loss_curve, rank_heatmap
+from .progress import TrainingBar
+from .runs import PLACE_ARGS, Run, atomic_torch_save, check_recorded_args, read_log
 from .sampling import add_noise, alphas_cumprod, ddim_sample
+from .stopping import Interrupted, StopRequests, ignore_stop_signals
 
 AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 CHECKPOINT_KEYS = ("step", "trainable", "optimizer", "scaler", "generator", "torch_rng", "best_val", "rank_history",
@@ -66,6 +66,15 @@ def as_list(items):
     return items
 
 
+def validation_due(step, steps_per_epoch, every, total):
+    """Validate at an epoch's end, at most every `every` steps (the first epoch end past each multiple of
+    `every`), and at the last step: a pure function of the step, so a resumed run validates where the
+    uninterrupted one would."""
+    if step == total:
+        return True
+    return step % steps_per_epoch == 0 and step // every > (step - steps_per_epoch) // every
+
+
 def trainable_state(sd):
     return {name: p.detach().cpu().clone() for name, p in sd.named_parameters() if p.requires_grad}
 
@@ -74,7 +83,7 @@ class Trainer:
     def __init__(self, args, run_path, resume):
         self.args = args
         self.rank, self.world, self.device = setup_distributed(args.device)
-        self.run = Run(run_path, writer=self.rank == 0)
+        self.run = Run(run_path, writer=self.rank == 0, resume=resume, tensorboard=args.tensorboard)
         self.autocast = AUTOCAST[args.precision]
         if args.precision == "fp16" and not self.device.startswith("cuda"):
             raise MinisdError("--precision fp16 needs a GPU; use bf16 or fp32 on the CPU")
@@ -114,6 +123,7 @@ class Trainer:
         self.ac = alphas_cumprod(self.sd.schedule).to(self.device)
         self.step, self.best_val, self.rank_history = 0, math.inf, []
         self.measures = Measures(self.device)
+        self.stop = StopRequests()
         if resume:
             self.load_checkpoint()
         self.run.open_log(keep_until_step=self.step if resume else None)
@@ -142,7 +152,8 @@ class Trainer:
         plan = [self.batch_indices(step, micro) for step in range(self.step + 1, self.total_steps + 1)
                 for micro in range(self.args.grad_accum)]
         return iter(torch.utils.data.DataLoader(self.train_set, batch_sampler=plan, collate_fn=as_list,
-                                                num_workers=self.args.workers, pin_memory=self.device.startswith("cuda")))
+                                                num_workers=self.args.workers, pin_memory=self.device.startswith("cuda"),
+                                                worker_init_fn=ignore_stop_signals))
 
     def autocast_ctx(self):
         device_type = "cuda" if self.device.startswith("cuda") else "cpu"
@@ -236,7 +247,7 @@ class Trainer:
             with self.autocast_ctx():
                 images = ddim_sample(self.sd, prompts, steps=self.args.val_steps, height=self.args.resolution,
                                      width=self.args.resolution, seed=self.args.seed, progress=False)
-            save_png(grid(images), self.run.file(os.path.join("samples", f"step{self.step:06d}.png")))
+            self.run.save_samples(images, prompts, self.step)
         return val_loss
 
     # ---------------------------------------------------------------------------- files
@@ -278,7 +289,8 @@ class Trainer:
                  "scaler": self.scaler.state_dict(), "generator": self.generator.get_state(),
                  "torch_rng": torch.get_rng_state(), "best_val": self.best_val, "rank_history": self.rank_history,
                  "controller": self.controller.state_dict() if self.controller is not None else None,
-                 "measures": self.measures.state_dict()}
+                 "measures": self.measures.state_dict(),
+                 "args": {k: v for k, v in vars(self.args).items() if k not in PLACE_ARGS}}
         atomic_torch_save(state, self.run.file("checkpoint.pt"))
 
     def load_checkpoint(self):
@@ -302,6 +314,8 @@ class Trainer:
                               f"not of a {self.args.method} run")
         if state.get("fingerprint", self.fingerprint) != self.fingerprint:
             raise MinisdError(f"--resume: {path} was written for another base model than {self.args.model}")
+        if isinstance(state.get("args"), dict):
+            check_recorded_args(state["args"], self.args, self.run.file("args.json"), path)
         trainable = {name for name, p in self.sd.named_parameters() if p.requires_grad}
         unmatched = sorted(trainable ^ set(state["trainable"]))
         if unmatched:
@@ -336,39 +350,55 @@ class Trainer:
                 self.save_adapter("adapter.safetensors", val_loss)
                 self.measures.best = self.record(val_loss, "adapter.safetensors", "best_")
             self.write_summary(self.record(val_loss))
+            self.run.log_ranks(self.ranks(), self.step)
+            loss_curve(read_log(self.run.file("log.jsonl")), self.run.file("loss.png"))
         return val_loss
 
+    def validation_due(self, step):
+        return validation_due(step, self.steps_per_epoch, self.args.val_every, self.total_steps)
+
+    def validations_after(self, step):
+        return sum(self.validation_due(s) for s in range(step + 1, self.total_steps + 1))
+
     def fit(self):
+        """Steps to the end, validating and checkpointing on schedule. Inside `with trainer.stop:` (train.py),
+        SIGINT/SIGTERM end it after the step in progress with a checkpoint and Interrupted."""
         a = self.args
         if self.run.writer:
-            print(f"{summary(self.train_set)}" + (f"; {summary(self.val_set)}" if self.val_set is not None else ""))
+            print(summary(self.train_set))
             print(f"adapters: {self.summary['method']} in {self.summary['layers']} layers, "
                   f"{self.summary['trainable_params']:,} trainable parameters; {self.total_steps} steps of "
                   f"{self.global_batch * a.grad_accum} images")
             self.write_manifests()
-        bar = tqdm(total=self.total_steps, initial=self.step, desc="training", unit="step", disable=not self.run.writer,
-                   dynamic_ncols=True)
-        val_loss, batches = None, self.batches()
+        bar = TrainingBar(self.total_steps, self.step, self.validations_after, disable=not self.run.writer)
+        val_loss, batches, shown = None, self.batches(), {}
         while self.step < self.total_steps:
             start = time.perf_counter()
             loss, events = self.train_step(batches)
-            rate = self.global_batch * a.grad_accum / (time.perf_counter() - start)
+            seconds = time.perf_counter() - start
+            rate = self.global_batch * a.grad_accum / seconds
             self.rank_history.extend(events)
             self.run.log({"step": self.step, "loss": loss, "lr": self.optimizer.param_groups[0]["lr"],
                           "images_per_s": rate, "total_rank": self.total_rank()})
             for e in events:
                 self.run.log({"event": "expand", **e})
-            bar.set_postfix(loss=f"{loss:.4f}", rank=self.total_rank(), img_s=f"{rate:.1f}")
-            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", rank=self.total_rank(), img_s=f"{rate:.1f}", **shown)
+            bar.step_done(seconds)
             if events and self.run.writer:
                 bar.write(f"step {self.step}: {len(events)} layers grew; total rank {self.total_rank()}")
-            end_of_epoch = self.step % self.steps_per_epoch == 0 or self.step == self.total_steps
-            if end_of_epoch:
-                val_loss = self.end_of_validation_period()
+            validate = self.validation_due(self.step)
+            if validate:
+                with bar.validating():
+                    val_loss = self.end_of_validation_period()
                 if val_loss is not None:
+                    shown = {"val": f"{val_loss:.4f}"}
                     bar.write(f"step {self.step}: validation loss {val_loss:.4f} (best {self.best_val:.4f})")
-            if end_of_epoch or self.step % a.save_every == 0:
+            signum = self.stop.requested(self.world, self.device)
+            if validate or self.step % a.save_every == 0 or signum:
                 self.save_checkpoint()
+            if signum and self.step < self.total_steps:
+                bar.close()
+                raise Interrupted(signum, self.step)
         bar.close()
         if self.run.writer:
             self.save_adapter("adapter_last.safetensors", val_loss)

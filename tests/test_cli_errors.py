@@ -104,10 +104,16 @@ def test_train_resume_arguments(scripts, capsys, tmp_path, monkeypatch, argv, me
     (["--resume", "r"], {"batch_size": 0}, "--resume r: runs/r/args.json: --batch-size must be at least 1, got 0"),
     (["--resume", "r", "--lr", "0.1"], {},   # was: --lr silently ignored
      "--resume continues a run with its recorded arguments: --lr 0.1 differs from the run's"),
-    (["--resume", "r", "--model", "tiny"], {"run_name": "r"}, "checkpoint.pt not found"),   # the recorded value again is fine
-    # a run recorded before --data-seed, --fisher and --preset: its split was drawn with its --seed
-    (["--resume", "r"], {"run_name": "r", "data_seed": None, "fisher": None, "preset": None}, "checkpoint.pt not found"),
+    # the recorded value again is fine (the error is the next check's)
+    (["--resume", "r", "--model", "tiny"], {"run_name": "r", "batch_size": 0}, "--batch-size must be at least 1, got 0"),
+    # a run recorded before --data-seed, --fisher, --preset, --val-every and --tensorboard: accepted
+    (["--resume", "r"], {"run_name": "r", "data_seed": None, "fisher": None, "preset": None, "val_every": None,
+                         "tensorboard": None, "batch_size": 0}, "--batch-size must be at least 1, got 0"),
     (["--resume", "r", "--data-seed", "3"], {"seed": 5, "data_seed": None}, "--data-seed 3 differs from the run's 5"),
+    (["--resume", "r"], {"batch_size": "8"},   # was: '<' not supported between instances of 'str' and 'int'
+     "--resume r: runs/r/args.json: 'batch_size' is \"8\", expected an integer"),
+    (["--resume", "r"], {"convs": 1}, "--resume r: runs/r/args.json: 'convs' is 1, expected true or false"),
+    (["--resume", "r"], {"method": "lorax"}, "'method' is \"lorax\", expected one of lora, selora, dylora, adalora"),
 ])
 def test_train_resume_record(scripts, capsys, tmp_path, monkeypatch, argv, change, message):
     monkeypatch.chdir(tmp_path)
