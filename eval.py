@@ -7,7 +7,6 @@
 
 Writes eval.json and eval.md (and grid.png) to --out and prints the Markdown table.
 """
-import argparse
 import json
 import sys
 import warnings
@@ -25,8 +24,7 @@ from minisd.inception import DIMS, RESIZE_MODE
 
 
 def parse_args(argv):
-    p = ArgumentParser(description=__doc__.splitlines()[0], epilog="\n".join(__doc__.splitlines()[1:]),
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__.splitlines()[0], epilog="\n".join(__doc__.splitlines()[1:]))
     g = p.add_argument_group("two folders")
     g.add_argument("--real", help="folder of real images")
     g.add_argument("--fake", help="folder of generated images")
@@ -40,15 +38,15 @@ def parse_args(argv):
                                  "evaluated on its recorded split manifest at its resolution")
     g.add_argument("--data", help="data set name: iuxray, montgomery, folder, phantom")
     g.add_argument("--data-root", help="data folder (default data/NAME)")
-    g.add_argument("--split", default="test")
+    g.add_argument("--split", default="test", help="split whose prompts and images are used")
     g.add_argument("--data-seed", type=int,
                    help="seed of the data split, train.py's --data-seed (default: the adapter's, else 0)")
     g.add_argument("--resolution", type=int, help="image size (default: the run's, else 224)")
     g.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
                    help="one image set per seed; with N prompts, image k of seed s starts from noise seed s*N+k")
-    g.add_argument("--steps", type=int, default=50)
-    g.add_argument("--guidance", type=float, default=7.5)
-    g.add_argument("--sample-batch-size", type=int, default=8)
+    g.add_argument("--steps", type=int, default=50, help="DDIM steps")
+    g.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
+    g.add_argument("--sample-batch-size", type=int, default=8, help="prompts per sampling batch")
     g.add_argument("--precision", choices=PRECISIONS, default="fp32", help="of the diffusion model while sampling")
     g = p.add_argument_group("metrics")
     g.add_argument("--inception-weights", help="pt_inception-2015-12-05-6726825d.pth (default: cache, else download)")
@@ -58,9 +56,9 @@ def parse_args(argv):
     g.add_argument("--no-clip", action="store_true", help="no CLIP score (when only the Inception weights are at hand)")
     g.add_argument("--dims", type=int, nargs="+", choices=DIMS, default=list(DIMS), help="Inception dims for FID")
     g.add_argument("--kid-subset-size", type=int, help="default: min(1000, number of images)")
-    g.add_argument("--kid-subsets", type=int, default=100)
-    g.add_argument("--batch-size", type=int, default=50)
-    g.add_argument("--device", default="auto")
+    g.add_argument("--kid-subsets", type=int, default=100, help="KID subsets drawn")
+    g.add_argument("--batch-size", type=int, default=50, help="images per Inception/CLIP batch")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     g.add_argument("--out", help="output folder (default eval/, or runs/NAME/eval for a run)")
     return p.parse_args(argv)
 

@@ -20,16 +20,17 @@ def parse_args(argv):
     p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     p.add_argument("--prompts", help="text file with one prompt per line")
     p.add_argument("--negative-prompt", default="")
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps")
+    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
     p.add_argument("--seed", type=int, default=0, help="image k of the call starts from noise seeded seed + k")
     p.add_argument("--height", type=int, help="pixels (default 512; 128 for the tiny model)")
     p.add_argument("--width", type=int)
     p.add_argument("--num-images", type=int, default=1, help="images per prompt")
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--precision", choices=PRECISIONS, default="fp32")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--out", default="samples")
+    p.add_argument("--batch-size", type=int, default=4, help="images per sampling batch")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="of the model while sampling")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--out", default="samples",
+                   help="output folder; an earlier call's images, grid.png and prompts.json there are replaced")
     return p.parse_args(argv)
 
 

@@ -28,7 +28,7 @@ setup(
     packages=find_packages(include=["minisd", "minisd.*"]),
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "numpy", "safetensors", "pillow", "scipy", "ninja", "open-clip-torch", "ftfy",
-                      "regex", "tqdm", "huggingface_hub", "tokenizers"],
+                      "regex", "tqdm", "huggingface_hub", "tokenizers", "matplotlib"],
     extras_require={"test": ["pytest", "diffusers", "transformers", "peft", "pytorch-fid", "accelerate"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

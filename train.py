@@ -32,11 +32,11 @@ NEWER_FLAGS = ("data_seed", "fisher", "preset", "val_every", "tensorboard")   # 
 
 
 def parser():
-    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--model", default=minisd.DEFAULT_MODEL, help="single .safetensors/.ckpt file, diffusers folder, hub id, or 'tiny'")
-    p.add_argument("--data", default="phantom", choices=sorted(DATASETS))
+    p.add_argument("--data", default="phantom", choices=sorted(DATASETS), help="data set")
     p.add_argument("--data-root", help="data folder (default data/<name>)")
-    p.add_argument("--method", default="selora", choices=METHODS)
+    p.add_argument("--method", default="selora", choices=METHODS, help="adapter")
     p.add_argument("--rank", type=int, default=4, help="LoRA rank, DyLoRA's r_max, AdaLoRA's target rank (SeLoRA starts at 1)")
     p.add_argument("--alpha", type=float, default=1.0, help="scale s = alpha / initial rank")
     p.add_argument("--lambda", dest="lam", type=float, default=1.1, help="SeLoRA: grow a layer when its FI-ratio ≥ λ")
@@ -50,14 +50,14 @@ def parser():
                    help="authors: alpha 8, --lambda 1.3, --cfg-dropout 0, --fisher batch (flags given win)")
     p.add_argument("--convs", action="store_true", help="also adapt the U-Net's 1×1 proj_in/proj_out convolutions")
     p.add_argument("--freeze-text-encoder", action="store_true", help="adapt the U-Net only")
-    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--epochs", type=int, default=10, help="passes over the training split (unless --max-steps)")
     p.add_argument("--max-steps", type=int, help=f"stop after this many optimizer steps (tiny model: {TINY_DEFAULTS['max_steps']})")
     p.add_argument("--batch-size", type=int, default=8, help="images per process per micro-batch")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (no weight decay)")
     p.add_argument("--resolution", type=int, help=f"image size in pixels (default 224; tiny model: {TINY_DEFAULTS['resolution']})")
     p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="autocast precision; adapters stay fp32")
-    p.add_argument("--grad-checkpointing", action="store_true")
+    p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward to save memory")
     p.add_argument("--cfg-dropout", type=float, default=0.0,
                    help="probability of training on the empty prompt (the paper, diffusers and kohya: 0)")
     p.add_argument("--val-max", type=int,
@@ -70,7 +70,7 @@ def parser():
     p.add_argument("--seed", type=int, default=0, help="adapter initialisation, batch order and noise")
     p.add_argument("--data-seed", type=int, default=0,
                    help="the train/val/test split (and the phantom's images): a property of the data, not of the run")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--workers", type=int, help="data loading processes (default 4 on a GPU, 0 on the CPU)")
     p.add_argument("--tensorboard", action="store_true",
                    help="also log loss, lr, ranks and sample grids to runs/NAME/tensorboard (needs tensorboard)")
@@ -207,6 +207,8 @@ def main(argv=None):
     except Interrupted as stop:
         print(f"interrupted at step {stop.step}; resume with: python train.py --resume {args.run_name}", file=sys.stderr)
         sys.exit(stop.exit_code)
+    finally:
+        trainer.run.close()
 
 
 def check_extension(trainer, saved, path):

@@ -25,7 +25,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        shown = action.default not in (None, False, argparse.SUPPRESS) and action.option_strings
+        shown = action.default not in (None, False, "", argparse.SUPPRESS) and action.option_strings
         if shown and "default" not in text:
             value = " ".join(map(str, action.default)) if isinstance(action.default, list) else action.default
             text += f" (default: {value})"
@@ -39,16 +39,6 @@ class ArgumentParser(argparse.ArgumentParser):
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
-
-    def add_argument(self, *args, **kwargs):
-        kwargs.setdefault("help", "")   # so that the formatter can show the default of a flag without help
-        return super().add_argument(*args, **kwargs)
-
-    def add_argument_group(self, *args, **kwargs):
-        group = super().add_argument_group(*args, **kwargs)
-        add = group.add_argument
-        group.add_argument = lambda *a, **k: add(*a, **{"help": "", **k})
-        return group
 
     def error(self, message):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")

@@ -27,7 +27,7 @@ def split_name(part, name):
 
 def save_figure(figure, path):
     FigureCanvasAgg(figure)
-    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=100, bbox_inches="tight"), suffix=".png")
+    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=100), suffix=".png")
 
 
 def rank_heatmap(ranks, part, path, title=""):
@@ -41,14 +41,9 @@ def rank_heatmap(ranks, part, path, title=""):
     for c, r, value in cells:
         grid[rows.index(r), columns.index(c)] = value
     vmax = int(np.nanmax(grid))
-    figure = Figure(figsize=(max(4.0, 0.32 * len(columns) + 3), max(2.5, 0.3 * len(rows) + 1.5)))
+    figure = Figure(figsize=(max(4.0, 0.3 * len(columns) + 3), max(2.5, 0.25 * len(rows) + 1.5)), layout="constrained")
     axes = figure.add_subplot()
     image = axes.imshow(np.ma.masked_invalid(grid), cmap="viridis", vmin=0, vmax=max(vmax, 1), aspect="auto")
-    if len(rows) * len(columns) <= 600:   # numbers in the cells while they stay legible
-        for (i, j), value in np.ndenumerate(grid):
-            if not np.isnan(value):
-                axes.text(j, i, int(value), ha="center", va="center", fontsize=6,
-                          color="black" if value > 0.6 * vmax else "white")
     axes.set_xticks(range(len(columns)), columns, rotation=90, fontsize=7)
     axes.set_yticks(range(len(rows)), rows, fontsize=7)
     axes.set_xlabel("block" if part == "unet" else "layer")
@@ -67,7 +62,7 @@ def loss_curve(records, path, smooth=20):
         return False
     validations = [(r["step"], r["val_loss"]) for r in records
                    if r.get("event") == "validation" and isinstance(r.get("val_loss"), (int, float))]
-    figure = Figure(figsize=(7, 4))
+    figure = Figure(figsize=(7, 4), layout="constrained")
     axes = figure.add_subplot()
     x, y = np.array(steps, dtype=float).T
     axes.plot(x, y, color="tab:blue", alpha=0.3, linewidth=0.8, label="training loss")

@@ -177,6 +177,25 @@ def test_error_unexpected_key(tiny, adapter_file, tmp_path):
         load_adapter(copy.deepcopy(tiny), path)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_error_non_finite_values_name_the_key(tiny, adapter_file, tmp_path, bad):
+    from minisd.export import fold
+    from minisd.medlego import merge_adapters
+    name = "cond_stage_model.transformer.text_model.encoder.layers.1.mlp.fc1.lora_B"
+
+    def poison(t):
+        t[name] = t[name].clone()
+        t[name][0, 0] = bad
+
+    path = rewrite(adapter_file, tmp_path / "n.safetensors", poison)
+    message = f"{name} holds non-finite values"
+    for use in (lambda: load_adapter(copy.deepcopy(tiny), path),   # was: black images from sample.py
+                lambda: fold(copy.deepcopy(tiny), path, tmp_path / "folded.safetensors"),   # was: a NaN checkpoint
+                lambda: merge_adapters([path, adapter_file], tmp_path / "merged.safetensors")):   # was: linalg.svd died
+        with pytest.raises(MinisdError, match=message):
+            use()
+
+
 def test_error_adapter_onto_adapted_model(tiny, adapter_file):
     sd = copy.deepcopy(tiny)
     load_adapter(sd, adapter_file)

@@ -50,7 +50,7 @@ def test_run_folder_holds_everything(demo):
     for name in ["args.json", "manifest_train.jsonl", "manifest_val.jsonl", "manifest_test.jsonl", "log.jsonl",
                  "checkpoint.pt", "adapter.safetensors", "adapter_last.safetensors", "ranks_unet.png",
                  "ranks_text_encoder.png", "ranks_best_unet.png", "ranks_best_text_encoder.png", "summary.json",
-                 "samples/step000004.png"]:
+                 "loss.png", "samples/step000004.png"]:
         assert (run / name).exists(), name
     args = json.load(open(run / "args.json"))
     assert args["model"] == "tiny" and args["data"] == "phantom" and args["adapter"].endswith("adapter.safetensors")
@@ -107,7 +107,8 @@ def test_adapter_records_ranks_and_history(demo):
 def test_sample_reproduces_a_validation_image(demo, tmp_path):
     run, _ = demo
     prompt = json.loads(open(run / "manifest_val.jsonl").readline())["prompt"]
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), "--run", "demo", "--prompt", prompt, "--steps", "3",
+    (tmp_path / "0007-seed7.png").write_bytes(b"")   # an earlier call's image, not this call's
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), "--run", "runs/demo/", "--prompt", prompt, "--steps", "3",
                         "--height", "128", "--width", "128", "--seed", "0", "--out", str(tmp_path)],
                        cwd=run.parent.parent, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
@@ -115,6 +116,7 @@ def test_sample_reproduces_a_validation_image(demo, tmp_path):
     grid = Image.open(run / "samples" / "step000004.png").crop((2, 2, 130, 130))
     theirs = torch.tensor(list(grid.getdata())).float()
     assert (ours - theirs).abs().max() <= 2   # the same image, up to uint8 rounding of float noise
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["0000-seed0.png", "grid.png", "prompts.json"]
 
 
 def test_kill_and_resume_ends_with_the_same_adapter(tmp_path):
