@@ -205,7 +205,8 @@ def main(argv=None):
         with trainer.stop:
             trainer.fit()
     except Interrupted as stop:
-        print(f"interrupted at step {stop.step}; resume with: python train.py --resume {args.run_name}", file=sys.stderr)
+        if trainer.run.writer:
+            print(f"interrupted at step {stop.step}; resume with: python train.py --resume {args.run_name}", file=sys.stderr)
         sys.exit(stop.exit_code)
     finally:
         trainer.run.close()
@@ -221,7 +222,7 @@ def check_extension(trainer, saved, path):
     if trainer.args.method == "adalora" and trainer.total_steps != recorded:
         raise MinisdError(f"--max-steps/--epochs: an adalora run's rank budget schedule follows its {recorded} "
                           f"steps, so it cannot be extended")
-    if trainer.step == trainer.total_steps:
+    if trainer.step == trainer.total_steps and trainer.run.writer:
         print(f"{path} finished at step {trainer.step}; to continue it give --max-steps or --epochs beyond that")
 
 
