@@ -7,7 +7,7 @@ from minisd.cli import (PRECISIONS, ArgumentParser, check, check_finite, check_p
                         output_folder, pick_device, read_run_record, run_folder, warn_half_precision_on_cpu)
 from minisd.errors import MinisdError
 from minisd.files import clear_outputs
-from minisd.images import grid, save_png
+from minisd.images import captioned_grid, save_png
 from minisd.sampling import ddim_sample
 
 
@@ -85,7 +85,8 @@ def main(argv=None):
                          batch_size=args.batch_size)
     for k, image in enumerate(images):
         save_png(image, os.path.join(args.out, f"{k:04d}-seed{args.seed + k}.png"))
-    save_png(grid(images, columns=args.num_images if args.num_images > 1 else None), os.path.join(args.out, "grid.png"))
+    columns = args.num_images if args.num_images > 1 else None
+    save_png(captioned_grid(images, prompts, columns=columns), os.path.join(args.out, "grid.png"))
     with open(os.path.join(args.out, "prompts.json"), "w") as f:
         json.dump([{"file": f"{k:04d}-seed{args.seed + k}.png", "prompt": p, "seed": args.seed + k} for k, p in enumerate(prompts)], f, indent=1)
     print(f"wrote {len(images)} image(s) and grid.png to {args.out}")

@@ -39,10 +39,9 @@ class Run:
     start that fails before (a bad model path, no data) leaves no empty folder behind."""
 
     def __init__(self, path, writer, resume=False, tensorboard=False):
-        self.path, self.writer, self.resume, self.tensorboard = path, writer, resume, None
-        self.log_file = self.lock_file = None
-        if writer and tensorboard:
-            self.tensorboard = tensorboard_writer(self.file("tensorboard"))
+        self.path, self.writer, self.resume = path, writer, resume
+        self.log_file = self.lock_file = self.tensorboard = None
+        self.summary_writer = tensorboard_writer() if writer and tensorboard else None   # checked before any work
         if writer and os.path.isdir(path):
             self.take()
 
@@ -91,6 +90,8 @@ class Run:
             self.log_file = open(path, "a")
         except OSError as e:
             raise write_error(path, e) from None
+        if self.summary_writer is not None:   # events after the checkpoint are dropped, as the log's are
+            self.tensorboard = self.summary_writer(self.file("tensorboard"), purge_step=(keep_until_step or 0) + 1)
 
     def log(self, record):
         if self.log_file:
@@ -134,12 +135,12 @@ class Run:
         self.log_file = self.tensorboard = self.lock_file = None
 
 
-def tensorboard_writer(folder):
+def tensorboard_writer():
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         raise MinisdError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
-    return SummaryWriter(folder)
+    return SummaryWriter
 
 
 def lock(path, folder):

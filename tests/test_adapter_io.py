@@ -177,15 +177,14 @@ def test_error_unexpected_key(tiny, adapter_file, tmp_path):
         load_adapter(copy.deepcopy(tiny), path)
 
 
-@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_error_non_finite_values_name_the_key(tiny, adapter_file, tmp_path, bad):
+def test_error_non_finite_values_name_the_key(tiny, adapter_file, tmp_path):
     from minisd.export import fold
     from minisd.medlego import merge_adapters
     name = "cond_stage_model.transformer.text_model.encoder.layers.1.mlp.fc1.lora_B"
 
     def poison(t):
         t[name] = t[name].clone()
-        t[name][0, 0] = bad
+        t[name][0, 0], t[name][0, 1] = float("nan"), float("inf")
 
     path = rewrite(adapter_file, tmp_path / "n.safetensors", poison)
     message = f"{name} holds non-finite values"

@@ -276,7 +276,7 @@ def test_adapter_files_follow_the_umask(tmp_path):
 class FakeSummaryWriter:
     calls = []
 
-    def __init__(self, folder):
+    def __init__(self, folder, purge_step=None):
         self.folder = folder
 
     def __getattr__(self, name):
