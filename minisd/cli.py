@@ -25,10 +25,10 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        shown = action.default not in (None, False, "", argparse.SUPPRESS) and action.option_strings
+        value = action.default
+        shown = action.option_strings and value is not None and value is not False and value not in ("", argparse.SUPPRESS)
         if shown and "default" not in text:
-            value = " ".join(map(str, action.default)) if isinstance(action.default, list) else action.default
-            text += f" (default: {value})"
+            text += f" (default: {' '.join(map(str, value)) if isinstance(value, list) else value})"
         return text
 
 

@@ -192,6 +192,7 @@ def test_help_shows_defaults(script):
     assert "--val-every VAL_EVERY validate at the end of an epoch at most every this many steps (and at the last " \
            "step) (default: 100)" in text
     assert "--model MODEL single .safetensors/.ckpt file, diffusers folder, hub id, or 'tiny' (default: " in text
+    assert "--seed SEED adapter initialisation, batch order and noise (default: 0)" in text
 
 
 def test_warnings_print_above_the_progress_bar(capsys):
