@@ -278,7 +278,7 @@ def test_a_run_is_evaluated_on_its_own_test_manifest(ws, script, tmp_path, monke
     assert ids["test"] == [x["id"] for x in load_dataset("folder", "data", "test", 64, seed=0).manifest()]
 
     common = ["--seeds", "0", "--steps", "1", "--dims", "64", "--inception-weights", str(ws / "inception.pth"),
-              "--clip-weights", str(ws / "clip.pt")]
+              "--clip-weights", str(ws / "clip.pt"), "--force-inception-weights"]
     report = script.main(["--run", "runs/leak", *common])
     assert report["ids"] == ids["test"] and Path(report["manifest"]) == Path("runs/leak/manifest_test.jsonl")
     assert (report["data_seed"], report["resolution"]) == (0, 64)
