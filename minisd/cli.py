@@ -45,10 +45,13 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def main_guard(main):
+    # Set when a script is loaded, not when main runs, so that a warnings.catch_warnings(record=True) around
+    # main (eval.py's, a test's) still records.
+    warnings.showwarning = show_warning
+
     @functools.wraps(main)
     def run(argv=None):
         warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}\n"
-        warnings.showwarning = show_warning
         try:
             return main(argv)
         except MinisdError as e:

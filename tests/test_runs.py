@@ -197,7 +197,7 @@ def test_help_shows_defaults(script):
 
 def test_warnings_print_above_the_progress_bar(capsys):
     @cli.main_guard
-    def main(argv=None):
+    def main(argv=None):   # (pytest.warns around it would record the warning, not print it)
         bar = tqdm(total=10, desc="training")
         bar.update(3)
         warnings.warn("a prompt was truncated")
