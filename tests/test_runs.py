@@ -261,7 +261,7 @@ def test_sample_grids_are_captioned_with_their_prompts():
 
 
 def test_adapter_files_follow_the_umask(tmp_path):
-    from minisd.checkpoint import atomic_save
+    from minisd.checkpoint.files import atomic_save
     old = os.umask(0o022)
     try:
         atomic_save({"x": torch.zeros(1)}, tmp_path / "a.safetensors")
