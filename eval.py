@@ -15,8 +15,8 @@ from pathlib import Path
 import minisd
 from minisd.adapters import read_adapter
 from minisd.cli import (PRECISIONS, ArgumentParser, check, check_data_root, check_finite, check_pixels, check_seed,
-                        check_steps, data_seed_of, main_guard, output_folder, pick_device, read_run_record, run_folder,
-                        warn_half_precision_on_cpu)
+                        check_steps, check_window, data_seed_of, main_guard, output_folder, pick_device,
+                        read_run_record, run_folder, warn_half_precision_on_cpu)
 from minisd.errors import MinisdError
 from minisd.files import clear_outputs
 from minisd.evaluation import evaluate_folders, evaluate_model, latest_run, markdown, save_grid
@@ -42,6 +42,8 @@ def parse_args(argv):
     g.add_argument("--data-seed", type=int,
                    help="seed of the data split, train.py's --data-seed (default: the adapter's, else 0)")
     g.add_argument("--resolution", type=int, help="image size (default: the run's, else 224)")
+    g.add_argument("--window", type=float, nargs=2, metavar=("CENTER", "WIDTH"),
+                   help="linear window for DICOM films, in place of their own VOI LUT or window (default: the run's)")
     g.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
                    help="one image set per seed; with N prompts, image k of seed s starts from noise seed s*N+k")
     g.add_argument("--steps", type=int, default=50, help="DDIM steps")
@@ -118,6 +120,7 @@ def resolve_run(args):
     check_data_root(args.data, args.data_root)
     args.data_root = args.data_root or record.get("data_root")
     args.resolution = args.resolution or record.get("resolution")
+    args.window = args.window or record.get("window")
     args.data_seed = data_seed_of(record)
     manifest = folder / f"manifest_{args.split}.jsonl"
     if manifest.is_file():
@@ -135,6 +138,7 @@ def resolve_adapter(args):
     _, meta = read_adapter(args.adapter)
     trained = meta.get("args") if isinstance(meta.get("args"), dict) else {}
     args.resolution = args.resolution or trained.get("resolution")
+    args.window = args.window or trained.get("window")
     if trained.get("data") != args.data:
         return
     seed = data_seed_of(trained)
@@ -158,6 +162,8 @@ def check_args(args):
         check_pixels("--resolution", args.resolution)
     if args.data_seed is not None:
         check_seed("--data-seed", args.data_seed)
+    if args.window is not None:
+        check_window("--window", args.window)
     for seed in args.seeds:
         check_seed("--seeds", seed)
     if len(set(args.seeds)) < len(args.seeds):

@@ -27,9 +27,12 @@ setup(
     description="Compact Stable Diffusion 1.5 with SeLoRA fine-tuning for medical image-text data",
     packages=find_packages(include=["minisd", "minisd.*"]),
     python_requires=">=3.10",
-    install_requires=["torch>=2.4", "numpy", "safetensors", "pillow", "scipy", "ninja", "open-clip-torch", "ftfy",
-                      "regex", "tqdm", "huggingface_hub", "tokenizers", "matplotlib"],
-    extras_require={"test": ["pytest", "diffusers", "transformers", "peft", "pytorch-fid", "accelerate"]},
+    # pydicom reads DICOM films; it decodes JPEG 2000 and JPEG baseline through Pillow (>= 10) and RLE itself
+    install_requires=["torch>=2.4", "numpy", "safetensors", "pillow>=10", "scipy", "ninja", "open-clip-torch", "ftfy",
+                      "regex", "tqdm", "huggingface_hub", "tokenizers", "matplotlib", "pydicom>=3"],
+    # test-only references: pydicom-data (real DICOM films)
+    extras_require={"test": ["pytest", "diffusers", "transformers", "peft", "pytorch-fid", "accelerate",
+                             "pydicom-data"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -15,7 +15,7 @@ import minisd
 from minisd.adapters import METHODS
 from minisd.adapters.selora import ESTIMATORS, check_lambda
 from minisd.cli import (PRECISIONS, RUNS, ArgumentParser, check_data_root, check_finite, check_seed, check_steps,
-                        data_seed_of, main_guard, pick_device, read_run_record, run_folder, run_name)
+                        check_window, data_seed_of, main_guard, pick_device, read_run_record, run_folder, run_name)
 from minisd.data import DATASETS
 from minisd.errors import MinisdError
 from minisd.runs import PLACE_ARGS
@@ -56,6 +56,8 @@ def parser():
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (no weight decay)")
     p.add_argument("--resolution", type=int, help=f"image size in pixels (default 224; tiny model: {TINY_DEFAULTS['resolution']})")
+    p.add_argument("--window", type=float, nargs=2, metavar=("CENTER", "WIDTH"),
+                   help="linear window for DICOM films, in place of their own VOI LUT or window")
     p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="autocast precision; adapters stay fp32")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward to save memory")
     p.add_argument("--cfg-dropout", type=float, default=0.0,
@@ -118,6 +120,8 @@ def check(args):
     check_seed("--seed", args.seed)
     check_seed("--data-seed", args.data_seed)
     check_steps("--val-steps", args.val_steps)
+    if args.window is not None:
+        check_window("--window", args.window)
     if args.workers is not None and args.workers < 0:
         raise MinisdError(f"--workers must be 0 or more, got {args.workers}")
     if args.val_images < 0:

@@ -114,6 +114,13 @@ def check_pixels(flag, value):
     check(value >= 8 and value % 8 == 0, flag, value, "a positive multiple of 8")
 
 
+def check_window(flag, window):
+    """A DICOM linear window: a finite centre and a width of at least 1 (PS3.3 C.11.2.1.2.1)."""
+    center, width = window
+    check(math.isfinite(center) and math.isfinite(width) and width >= 1, flag, f"{center:g} {width:g}",
+          "CENTER WIDTH, finite, with WIDTH at least 1")
+
+
 def check_data_root(data, root):
     """--data-root with the built-in phantom would be ignored: the user surely meant another --data."""
     if data == "phantom" and root is not None:

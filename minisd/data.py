@@ -1,5 +1,5 @@
 """Image-text data sets: IU X-Ray, the Montgomery County CXR set, any image folder with captions, and
-the built-in phantom.
+the built-in phantom. Image files are read by minisd.image_files (PNG, JPEG, TIFF, DICOM).
 
     ds = load_dataset("iuxray", root="data/iuxray", split="train", resolution=224, seed=0)
     ds[i]  # {"image": float [3, R, R] in [-1, 1], "prompt": str, "id": str}
@@ -22,10 +22,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from . import phantom
 from .errors import MinisdError
+from .image_files import UNREADABLE, image_problem, image_size, load_image
 
 DATASETS = ("iuxray", "montgomery", "folder", "phantom")
 THREE_WAY = {"train": 0.8, "val": 0.16, "test": 0.04}
@@ -41,79 +41,19 @@ LAYOUTS = {
               "optionally split) and the images it names",
 }
 SELECTIONS = {"lateral projection"}  # skipped by design, not a problem worth a warning
-UNREADABLE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
-PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"
 SMALL = 2   # an image whose shorter side is less than --resolution / SMALL is upscaled more than that: warned
 UPSCALED = f"upscaled more than {SMALL}×"
 
 Sample = namedtuple("Sample", "id file prompt")  # file: relative to the data root
 
 
-# ------------------------------------------------------------------------------------------- images
-def load_image(path, resolution):
-    """An image file as float tensor [3, R, R] in [-1, 1]: any mode to 3 channels (16-bit scaled by
-    its full range), shortest side resized to R (bicubic, antialiased), then centre-cropped."""
-    with Image.open(path) as image:
-        image.load()
-        planes = to_planes(image)
-    planes = [resize_and_crop(plane, resolution) for plane in planes]
-    image = torch.from_numpy(np.stack(planes * (3 // len(planes))))
-    return image.clamp_(0, 1).mul_(2).sub_(1)
-
-
-def to_planes(image):
-    """The image as one (grey) or three (colour) float32 planes in [0, 1]; transparency over black."""
-    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
-        return [np.asarray(image, dtype=np.float32) / 65535]
-    grey = image.mode in ("1", "L", "LA", "La")
-    alpha = "A" in image.getbands() or "transparency" in image.info
-    mode = ("LA" if alpha else "L") if grey else ("RGBA" if alpha else "RGB")
-    array = np.asarray(image.convert(mode), dtype=np.float32) / 255
-    if array.ndim == 2:
-        return [array]
-    colour = array[..., :-1] * array[..., -1:] if alpha else array
-    return [colour[..., k] for k in range(colour.shape[-1])]
-
-
-def resize_and_crop(plane, resolution):
-    """torchvision's Resize(R, bicubic, antialias) + CenterCrop(R) on one float plane."""
-    height, width = plane.shape
-    short, long = sorted((height, width))
-    size = (resolution, int(resolution * long / short))
-    size = size if height <= width else size[::-1]  # (height, width)
-    resized = np.asarray(Image.fromarray(plane).resize(size[::-1], Image.BICUBIC))
-    top = int(round((size[0] - resolution) / 2.0))
-    left = int(round((size[1] - resolution) / 2.0))
-    return resized[top:top + resolution, left:left + resolution]
-
-
-def image_problem(path):
-    """Why the file at `path` cannot be used ("missing image", "unreadable image"), or None. Cheap:
-    reads the header and, for PNG and JPEG, checks that the file is not cut short."""
-    try:
-        with Image.open(path) as image:
-            kind = image.format
-            if kind not in ("PNG", "JPEG"):
-                image.verify()
-        with open(path, "rb") as f:
-            f.seek(max(0, os.path.getsize(path) - 1024))
-            tail = f.read()
-    except FileNotFoundError:
-        return "missing image"
-    except UNREADABLE:
-        return "unreadable image"
-    if (kind == "PNG" and not tail.endswith(PNG_END)) or (kind == "JPEG" and b"\xff\xd9" not in tail):
-        return "unreadable image"
-    return None
-
-
 # ------------------------------------------------------------------------------------------- data sets
 class ImageTextDataset(torch.utils.data.Dataset):
     """One split of a file-based data set: `samples` (id, file, prompt) read from `root`."""
 
-    def __init__(self, name, root, split, splits, samples, report, resolution):
+    def __init__(self, name, root, split, splits, samples, report, resolution, window=None):
         self.name, self.root, self.split, self.splits = name, Path(root), split, tuple(splits)
-        self.samples, self.report, self.resolution = samples, report, resolution
+        self.samples, self.report, self.resolution, self.window = samples, report, resolution, window
 
     def __len__(self):
         return len(self.samples)
@@ -125,7 +65,7 @@ class ImageTextDataset(torch.utils.data.Dataset):
         for step in range(len(self.samples)):
             sample = self.samples[(index + step) % len(self.samples)]
             try:
-                image = load_image(self.root / sample.file, self.resolution)
+                image = load_image(self.root / sample.file, self.resolution, self.window)
             except UNREADABLE as error:
                 warnings.warn(f"{self.root / sample.file}: cannot be decoded ({error}); using the next image")
                 continue
@@ -209,11 +149,8 @@ def assign_splits(keys, fractions, seed):
 
 def small_image(path, resolution):
     """Whether the image's shorter side (read from its header) is under resolution / SMALL."""
-    try:
-        with Image.open(path) as image:
-            return min(image.size) * SMALL < resolution
-    except UNREADABLE:
-        return False
+    size = image_size(path)
+    return size is not None and min(size) * SMALL < resolution
 
 
 # ------------------------------------------------------------------------------------------- text files
@@ -372,9 +309,9 @@ READERS = {"iuxray": read_iuxray, "montgomery": read_montgomery, "folder": read_
 
 
 # ------------------------------------------------------------------------------------------- entry point
-def load_dataset(name, root=None, split="train", resolution=224, seed=0):
+def load_dataset(name, root=None, split="train", resolution=224, seed=0, window=None):
     """One split of a data set in DATASETS; `root` defaults to data/<name>, `seed` fixes the split
-    (and, for the phantom, the images)."""
+    (and, for the phantom, the images); `window` (center, width) replaces the VOI transform of DICOM films."""
     if name not in DATASETS:
         raise MinisdError(f"unknown data set {name!r}: choose one of {', '.join(DATASETS)}")
     if not isinstance(resolution, int) or resolution < 1:
@@ -424,14 +361,15 @@ def load_dataset(name, root=None, split="train", resolution=224, seed=0):
     if not samples:
         counts = ", ".join(f"{count:,} {reason}" for reason, count in skipped.most_common()) or "none"
         raise MinisdError(f"{name} at {root}: no usable images in split {split!r} (skipped: {counts}); {LAYOUTS[name]}")
-    ds = ImageTextDataset(name, root, split, names, samples, report, resolution)
+    ds = ImageTextDataset(name, root, split, names, samples, report, resolution, window)
     ds.split_counts, ds.before_split = split_counts, before_split
     return ds
 
 
-def load_manifest(path, name, root=None, resolution=224):
+def load_manifest(path, name, root=None, resolution=224, window=None):
     """The samples a run recorded in `path` (a manifest_SPLIT.jsonl of write_manifest), in its order, read
-    from `root` at `resolution`: exactly the recorded split, whatever the data folder holds today."""
+    from `root` at `resolution` (DICOM films with `window`): exactly the recorded split, whatever the data
+    folder holds today."""
     path = Path(path)
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
@@ -462,7 +400,7 @@ def load_manifest(path, name, root=None, resolution=224):
     if problems:
         raise MinisdError(f"{root / problems[0][0]}: {problems[0][1]}, recorded in {path} "
                           f"({len(problems)} of its {len(samples)} images cannot be read from {root})")
-    return ImageTextDataset(name, root, split, (split,), samples, {"kept": len(samples)}, resolution)
+    return ImageTextDataset(name, root, split, (split,), samples, {"kept": len(samples)}, resolution, window)
 
 
 def summary(ds):

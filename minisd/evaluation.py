@@ -41,7 +41,7 @@ class Evaluator:
         a = self.args
         if self.real_features is None:
             self.real_features = metrics.cached_features(self.inception, real, self.weights["sha256"], RESIZE_MODE,
-                                                         a.dims, a.batch_size, self.device)
+                                                         a.dims, a.batch_size, self.device, window=a.window)
         fake_features = metrics.inception_features(self.inception, fake, a.dims, a.batch_size, self.device,
                                                    desc="inception (generated)")
         result = {"images": {"real": len(real), "generated": len(fake)}}
@@ -82,7 +82,7 @@ def read_prompts(path, n_images):
     return prompts
 
 
-def name_pairs(real_files, fake_files):
+def name_pairs(real_files, fake_files, window=None):
     """(real, fake) files with the same name stem, if every fake has one; else None with a warning."""
     by_stem = {f.stem: f for f in real_files}
     pairs = [(by_stem[f.stem], f) for f in fake_files if f.stem in by_stem]
@@ -91,7 +91,7 @@ def name_pairs(real_files, fake_files):
             warnings.warn(f"SSIM/PSNR skipped: only {len(pairs)} of {len(fake_files)} generated files have a real "
                           f"file of the same name")
         return None
-    images = [(metrics.load_image(r), metrics.load_image(f)) for r, f in pairs]
+    images = [(metrics.load_image(r, window), metrics.load_image(f)) for r, f in pairs]
     for (r, f), (a, b) in zip(pairs, images):
         if a.shape != b.shape:
             warnings.warn(f"SSIM/PSNR skipped: {r} and {f} differ in size")
@@ -103,11 +103,11 @@ def evaluate_folders(args, device):
     real, fake = metrics.list_images(args.real), metrics.list_images(args.fake)
     prompts = read_prompts(args.prompts, len(fake)) if args.prompts else None
     evaluate = Evaluator(args, device, with_clip=prompts is not None)
-    result = evaluate(real, fake, name_pairs(real, fake), prompts)
+    result = evaluate(real, fake, name_pairs(real, fake, args.window), prompts)
     if result["clip_score"]:
         result["clip_score"]["per_image"] = dict(zip((f.name for f in fake), result["clip_score"]["per_image"]))
     n = min(len(real), len(fake), GRID_COLUMNS)
-    rows = [[metrics.to_unit(x) for x in real[:n]], [metrics.to_unit(x) for x in fake[:n]]]
+    rows = [[metrics.to_unit(x, args.window) for x in real[:n]], [metrics.to_unit(x) for x in fake[:n]]]
     return {"mode": "folders", "real": str(args.real), "fake": str(args.fake), **result,
             "inception_weights": evaluate.weights, "clip_weights": evaluate.clip_weights}, rows
 
@@ -127,9 +127,10 @@ def evaluate_model(args, device):
     resolution = args.resolution or 224
     data_root = args.data_root or os.path.join("data", args.data)
     if args.manifest:   # the split a run recorded, exactly
-        items = list(load_manifest(args.manifest, args.data, data_root, resolution))
+        items = list(load_manifest(args.manifest, args.data, data_root, resolution, args.window))
     else:
-        items = list(load_dataset(args.data, data_root, split=args.split, resolution=resolution, seed=args.data_seed))
+        items = list(load_dataset(args.data, data_root, split=args.split, resolution=resolution,
+                                  seed=args.data_seed, window=args.window))
     if not items:
         raise MinisdError(f"--data {args.data} --split {args.split}: no samples in {data_root}")
     prompts = [item["prompt"] for item in items]

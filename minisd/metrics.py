@@ -19,10 +19,11 @@ from PIL import Image
 from scipy import linalg
 from tqdm import tqdm
 
+from minisd import image_files
 from minisd.errors import MinisdError
 from minisd.inception import DIMS, cache_dir, exact_fp32
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+IMAGE_EXTENSIONS = image_files.IMAGE_SUFFIXES
 CLIP_MODEL = "ViT-L-14-quickgelu"
 CLIP_WEIGHTS_URL = "https://huggingface.co/timm/vit_large_patch14_clip_224.openai"
 
@@ -40,34 +41,40 @@ def list_images(folder):
     return files
 
 
-def load_image(path):
-    """[3,H,W] uint8 (8-bit files, grayscale repeated) or float in [0,1] (16-bit files)."""
+def load_image(path, window=None):
+    """[3,H,W] uint8 (8-bit files, grayscale repeated) or float in [0,1] (16-bit files and DICOM films, read
+    by minisd.image_files; `window` (center, width) replaces a film's VOI transform)."""
     try:
-        with Image.open(path) as im:
-            im.load()
-            if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-                # 16-bit grayscale: PIL's convert("RGB") would clip it to 255
-                a = torch.from_numpy(np.asarray(im, dtype=np.float32) / 65535.0)
-                return a.clamp(0, 1).expand(3, *a.shape).contiguous()
-            a = np.asarray(im.convert("RGB"))
+        if image_files.is_dicom(path):
+            planes = image_files.read_dicom(path, window)
+        else:
+            with Image.open(path) as im:
+                im.load()
+                if im.mode in image_files.SIXTEEN_BIT:   # PIL's convert("RGB") would clip it to 255
+                    planes = image_files.to_planes(im, path)
+                else:
+                    return torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1).contiguous()
+    except image_files.UnreadableImage as e:
+        raise MinisdError(str(e)) from None
     except Exception as e:
         raise MinisdError(f"{path}: cannot read image ({type(e).__name__}: {e})") from None
-    return torch.from_numpy(a.copy()).permute(2, 0, 1).contiguous()
+    a = torch.from_numpy(np.stack(planes * (3 // len(planes))))
+    return a.clamp(0, 1).contiguous()
 
 
-def to_unit(image):
+def to_unit(image, window=None):
     """uint8 -> float32 / 255 (as torchvision's ToTensor); float images are returned as they are."""
     if isinstance(image, (str, Path)):
-        image = load_image(image)
+        image = load_image(image, window)
     if image.dtype == torch.uint8:
         return image.float().div(255)
     return image
 
 
-def to_uint8(image):
+def to_uint8(image, window=None):
     """[3,H,W] uint8, rounding floats to nearest as the PNGs minisd.images writes."""
     if isinstance(image, (str, Path)):
-        image = load_image(image)
+        image = load_image(image, window)
     if image.dtype == torch.uint8:
         return image
     return (image.float().clamp(0, 1) * 255 + 0.5).floor().to(torch.uint8)
@@ -87,13 +94,13 @@ def content_hash(images):
 
 # ---------------------------------------------------------------------------------------------- FID
 
-def inception_features(model, images, dims=DIMS, batch_size=50, device="cpu", desc="inception"):
-    """{dim: float64 array [N, dim]} of the FID-Inception features of `images`."""
+def inception_features(model, images, dims=DIMS, batch_size=50, device="cpu", desc="inception", window=None):
+    """{dim: float64 array [N, dim]} of the FID-Inception features of `images` (DICOM files read with `window`)."""
     dims = tuple(sorted(dims))
     feats = {d: [] for d in dims}
     with exact_fp32():
         for start in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch"):
-            batch = [to_unit(x).to(device, torch.float32) for x in images[start:start + batch_size]]
+            batch = [to_unit(x, window).to(device, torch.float32) for x in images[start:start + batch_size]]
             if len({tuple(x.shape) for x in batch}) > 1:
                 # mixed sizes: resize each on its own (bilinear 299 -> 299 is then the identity)
                 batch = [F.interpolate(x[None], size=(299, 299), mode="bilinear", align_corners=False)[0]
@@ -105,15 +112,17 @@ def inception_features(model, images, dims=DIMS, batch_size=50, device="cpu", de
 
 
 def cached_features(model, images, weights_sha256, resize_mode, dims=DIMS, batch_size=50, device="cpu",
-                    desc="inception (real)"):
-    """inception_features, kept on disk under a key of image content + weights hash + resize mode + dims."""
+                    desc="inception (real)", window=None):
+    """inception_features, kept on disk under a key of image content + weights hash + resize mode + dims
+    (+ the DICOM window, when one is given)."""
     key = hashlib.sha256("\n".join(
-        [content_hash(images), weights_sha256, resize_mode, " ".join(map(str, sorted(dims)))]).encode()).hexdigest()
+        [content_hash(images), weights_sha256, resize_mode, " ".join(map(str, sorted(dims)))]
+        + ([f"window {window[0]!r} {window[1]!r}"] if window else [])).encode()).hexdigest()
     path = cache_dir() / "features" / f"{key}.npz"
     if path.is_file():
         with np.load(path) as f:
             return {d: f[str(d)] for d in sorted(dims)}
-    feats = inception_features(model, images, dims, batch_size, device, desc)
+    feats = inception_features(model, images, dims, batch_size, device, desc, window)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
     np.savez(tmp, **{str(d): f for d, f in feats.items()})

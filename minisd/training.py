@@ -97,8 +97,10 @@ class Trainer:
         self.fingerprint = adapters.fingerprint(self.sd)   # of the base weights: a resumed run must have the same
 
         # The split is the data's (--data-seed), never the run's --seed: runs with other seeds share a test set.
-        self.train_set = load_dataset(args.data, args.data_root, "train", args.resolution, args.data_seed)
-        self.val_set = load_dataset(args.data, args.data_root, "val", args.resolution, args.data_seed) if "val" in self.train_set.splits else None
+        self.train_set = load_dataset(args.data, args.data_root, "train", args.resolution, args.data_seed,
+                                      args.window)
+        self.val_set = load_dataset(args.data, args.data_root, "val", args.resolution, args.data_seed, args.window) \
+            if "val" in self.train_set.splits else None
         self.global_batch = args.batch_size * self.world
         self.steps_per_epoch = len(self.train_set) // (self.global_batch * args.grad_accum)
         if self.steps_per_epoch == 0:

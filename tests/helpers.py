@@ -32,3 +32,22 @@ def load_script(path):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def write_dicom(path, pixels, photometric="MONOCHROME2", bits_stored=12, **attributes):
+    """A DICOM file (CR, explicit VR little endian) holding `pixels` ([rows, columns], or [frames, rows, columns]),
+    with any further attributes set by keyword, e.g. WindowCenter=..., RescaleSlope=...."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1"  # CR Image Storage
+    ds.Modality = "CR"
+    ds.set_pixel_data(pixels, photometric, bits_stored)
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID or generate_uid()
+    for name, value in attributes.items():
+        setattr(ds, name, value)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path

@@ -81,6 +81,7 @@ TINY = ["--model", "tiny", "--resolution", "64", "--max-steps", "1"]
     (["--device", "foo"], "--device foo: expected auto, cpu, cuda or cuda:N"),
     (["--lambda", "0.99"], "--lambda must be at least 1 (the FI-ratio is never below 1"),
     (["--data-seed", "-1"], "--data-seed must be between 0 and 4294967295, got -1"),
+    (["--window", "40", "0"], "--window must be CENTER WIDTH, finite, with WIDTH at least 1, got 40 0"),
 ])
 def test_train_flags(scripts, capsys, tmp_path, monkeypatch, argv, message):
     monkeypatch.chdir(tmp_path)
@@ -166,6 +167,7 @@ EVAL = ["--model", "tiny", "--data", "phantom"]
     (["--data-seed", "-1"], "--data-seed must be between 0 and 4294967295, got -1"),
     (["--data-root", "elsewhere"], "--data-root elsewhere: the phantom data set is built in"),
     (["--out", "FILE"], "--out {FILE}: is a file, expected a folder"),
+    (["--window", "nan", "400"], "--window must be CENTER WIDTH, finite, with WIDTH at least 1, got nan 400"),
 ])
 def test_eval_flags(scripts, capsys, tmp_path, monkeypatch, argv, message):
     monkeypatch.chdir(tmp_path)

@@ -364,8 +364,8 @@ def test_sixteen_bit_is_scaled_not_clipped(tmp_path):
     assert Image.open(tmp_path / "ramp16.png").mode.startswith("I")
     wide, narrow = load_image(tmp_path / "ramp16.png", 16), load_image(tmp_path / "ramp8.png", 16)
     assert torch.allclose(wide, narrow, atol=2 / 255)
-    Image.fromarray(np.full((8, 8), 1000, np.uint16)).save(tmp_path / "dark16.png")
-    assert torch.allclose(load_image(tmp_path / "dark16.png", 8), torch.tensor(1000 / 65535 * 2 - 1), atol=1e-5)
+    Image.fromarray(np.full((8, 8), 5000, np.uint16)).save(tmp_path / "dark16.png")  # above 12 bits: 16-bit data
+    assert torch.allclose(load_image(tmp_path / "dark16.png", 8), torch.tensor(5000 / 65535 * 2 - 1), atol=1e-5)
 
 
 def test_broken_image_data_is_replaced_at_load_time(tmp_path):

@@ -158,7 +158,7 @@ def test_script_exits_2_with_one_line(ws, tmp_path):
                           str(ws / "fake")], cwd=tmp_path, capture_output=True, text=True,
                          env={**os.environ, "MINISD_CACHE": str(tmp_path / "cache")})
     assert run.returncode == 2
-    assert run.stderr.strip() == f"error: {tmp_path / 'empty'}: no images (.png .jpg .jpeg .bmp .tif .tiff)"
+    assert run.stderr.strip() == f"error: {tmp_path / 'empty'}: no images (.png .jpg .jpeg .bmp .tif .tiff .dcm .dicom)"
 
 
 def test_mode_errors(script, tmp_path, monkeypatch, capsys):
@@ -208,7 +208,7 @@ def test_model_mode_generates_per_seed_and_summarises(ws, script, tmp_path, monk
               "id": f"p{i}"} for i in range(3)]
     calls = []
 
-    def load_dataset(name, root, split, resolution, seed):
+    def load_dataset(name, root, split, resolution, seed, window=None):
         calls.append((name, root, split, resolution, seed))
         return items
     monkeypatch.setitem(sys.modules, "minisd.data", types.SimpleNamespace(load_dataset=load_dataset, load_manifest=None))

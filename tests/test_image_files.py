@@ -1,0 +1,217 @@
+"""Image files: DICOM films against pydicom's own display pipeline (real films from the pydicom-data package),
+the 12-bit rule for 16-bit PNGs, and every bad DICOM as one line."""
+import csv
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from helpers import write_dicom
+from minisd import image_files, metrics
+from minisd.data import load_dataset
+from minisd.errors import MinisdError
+
+pydicom = pytest.importorskip("pydicom")
+from pydicom.pixels import apply_modality_lut, apply_voi_lut  # noqa: E402  (pydicom may be missing: skipped)
+
+
+def film(name):
+    """A file of the pydicom-data package (test extra), found through pydicom, never downloaded."""
+    from pydicom.data import get_testdata_file
+    path = get_testdata_file(name, download=False)
+    if path is None:
+        pytest.skip(f"{name} comes with the pydicom-data package (pip install pydicom-data)")
+    return path
+
+
+@pytest.fixture(scope="module")
+def chest_film():
+    """The real CR chest film (1955 x 1841, 15-bit, MONOCHROME1) read by minisd, uncompressed and as J2K."""
+    return {name: image_files.read_planes(film(name)) for name in ("RG1_UNCR.dcm", "RG1_J2KR.dcm")}
+
+
+def unit_range(values, ds):
+    """pydicom's windowing output range for these unsigned, unrescaled films: [0, 2^BitsStored - 1]."""
+    assert ds.PixelRepresentation == 0 and "RescaleSlope" not in ds and "ModalityLUTSequence" not in ds
+    return values / (2 ** ds.BitsStored - 1)
+
+
+# ------------------------------------------------------------------------------------------- real films
+def test_real_film_is_pydicoms_modality_lut_then_voi_then_inversion(chest_film):
+    ds = pydicom.dcmread(film("RG1_UNCR.dcm"))
+    assert ds.PhotometricInterpretation == "MONOCHROME1" and "VOILUTSequence" not in ds and "WindowCenter" in ds
+    expected = 1 - unit_range(apply_voi_lut(apply_modality_lut(ds.pixel_array, ds), ds), ds)
+    plane, = chest_film["RG1_UNCR.dcm"]
+    assert plane.shape == (1955, 1841) and plane.dtype == np.float32
+    assert np.abs(plane - expected).max() < 1e-6
+    # the inversion shows bone bright: the spine's column is brighter than the lung fields beside it
+    middle = plane[600:1200]
+    assert middle[:, 880:960].mean() > middle[:, 400:700].mean() + 0.1
+
+
+def test_jpeg2000_twin_loads_identically(chest_film):
+    assert image_files.image_problem(film("RG1_J2KR.dcm")) is None
+    assert pydicom.dcmread(film("RG1_J2KR.dcm"), stop_before_pixels=True).file_meta.TransferSyntaxUID.is_compressed
+    (uncompressed,), (j2k,) = chest_film["RG1_UNCR.dcm"], chest_film["RG1_J2KR.dcm"]
+    assert np.array_equal(uncompressed, j2k)
+
+
+def test_voi_lut_sequence_is_preferred_to_a_window(tmp_path):
+    ds = pydicom.dcmread(film("vlut_04.dcm"))
+    table = ds.VOILUTSequence[0].LUTData
+    significant = 2 ** int(max(table)).bit_length() - 1   # the LUT's own range: its declared 16 bits are not used
+    expected = apply_voi_lut(apply_modality_lut(ds.pixel_array, ds), ds) / significant
+    ours, = image_files.read_planes(film("vlut_04.dcm"))
+    assert np.abs(ours - expected).max() < 1e-6 and ours.max() > 0.9
+    ds.WindowCenter, ds.WindowWidth = 10, 20   # both present: the LUT wins, as pydicom's prefer_lut default
+    ds.save_as(tmp_path / "both.dcm")
+    assert np.array_equal(image_files.read_planes(tmp_path / "both.dcm")[0], ours)
+    windowed, = image_files.read_planes(tmp_path / "both.dcm", window=(100, 50))   # --window replaces both
+    del ds.VOILUTSequence
+    ds.WindowCenter, ds.WindowWidth = 100, 50
+    assert np.abs(windowed - unit_range(apply_voi_lut(apply_modality_lut(ds.pixel_array, ds), ds), ds)).max() < 1e-6
+
+
+def test_voi_lut_declared_16_bit_holding_12_bit_values_reaches_white(tmp_path):
+    from pydicom.dataset import Dataset
+    stored = np.random.default_rng(2).integers(0, 4096, (16, 16)).astype(np.uint16)
+    stored[0, 0] = 4095
+    item = Dataset()
+    item.LUTDescriptor = [4096, 0, 16]   # 16 bits declared, as films of the Indiana University set
+    item.LUTData = [int(4095 * (v / 4095) ** 0.5) for v in range(4096)]   # a curve that stays within 12 bits
+    item["LUTData"].VR = "US"
+    path = write_dicom(tmp_path / "lut.dcm", stored, VOILUTSequence=[item])
+    ds = pydicom.dcmread(path)
+    ours, = image_files.read_planes(path)
+    assert np.abs(ours - apply_voi_lut(ds.pixel_array, ds) / 4095).max() < 1e-6 and ours.max() == 1
+
+
+def test_modality_lut_sequence_without_voi_spans_the_film(tmp_path):
+    ds = pydicom.dcmread(film("mlut_18.dcm"))
+    assert "ModalityLUTSequence" in ds and "WindowCenter" not in ds and "VOILUTSequence" not in ds
+    values = apply_modality_lut(ds.pixel_array, ds).astype(np.float64)
+    expected = (values - values.min()) / (values.max() - values.min())
+    assert np.abs(image_files.read_planes(film("mlut_18.dcm"))[0] - expected).max() < 1e-6
+
+
+# ------------------------------------------------------------------------------------------- windows
+@pytest.mark.parametrize("function", [None, "LINEAR", "LINEAR_EXACT", "SIGMOID"])
+def test_window_with_rescale_follows_pydicom(tmp_path, function):
+    stored = np.random.default_rng(0).integers(-2048, 2048, (20, 24)).astype(np.int16)
+    extra = {"VOILUTFunction": function} if function else {}
+    path = write_dicom(tmp_path / "ct.dcm", stored, RescaleSlope=2, RescaleIntercept=-1024,
+                       WindowCenter=[40, 400], WindowWidth=[400, 1500], **extra)   # the first window is used
+    ds = pydicom.dcmread(path)
+    low, high = -2048 * 2 - 1024, 2047 * 2 - 1024   # pydicom's output range: signed 12 bits, rescaled
+    expected = (apply_voi_lut(apply_modality_lut(ds.pixel_array, ds), ds) - low) / (high - low)
+    ours, = image_files.read_planes(path)
+    assert np.abs(ours - expected).max() < 1e-6 and 0 < ours.mean() < 1
+    ds.WindowCenter, ds.WindowWidth = -500, 1
+    ds.VOILUTFunction = "LINEAR"
+    expected = (apply_voi_lut(apply_modality_lut(ds.pixel_array, ds), ds) - low) / (high - low)
+    assert np.array_equal(image_files.read_planes(path, window=(-500, 1))[0], expected.astype(np.float32))
+
+
+def test_monochrome1_is_the_inverse_of_monochrome2(tmp_path):
+    stored = np.random.default_rng(1).integers(0, 4096, (16, 12)).astype(np.uint16)
+    for window in ({"WindowCenter": 2000, "WindowWidth": 3000}, {}):
+        one, = image_files.read_planes(write_dicom(tmp_path / "1.dcm", stored, "MONOCHROME1", **window))
+        two, = image_files.read_planes(write_dicom(tmp_path / "2.dcm", stored, "MONOCHROME2", **window))
+        assert np.allclose(one, 1 - two, atol=1e-7) and two.min() == 0 and two.max() == 1
+
+
+def test_dicom_in_data_sets_and_eval_folders(tmp_path):
+    stored = np.tile(np.arange(0, 4096, 128, dtype=np.uint16), (32, 1))
+    for k in range(3):
+        write_dicom(tmp_path / f"films/{k}.dcm", stored, WindowCenter=2048, WindowWidth=4096)
+    with open(tmp_path / "metadata.csv", "w", newline="") as f:
+        csv.writer(f).writerows([["file_name", "text"]] + [[f"films/{k}.dcm", f"film {k}"] for k in range(3)])
+    ds = load_dataset("folder", tmp_path, split="train", resolution=16)
+    assert ds[0]["image"].shape == (3, 16, 16)
+    windowed = load_dataset("folder", tmp_path, split="train", resolution=16, window=(1024, 1024))[0]["image"]
+    assert (windowed == 1).float().mean() > 0.5 > (ds[0]["image"] == 1).float().mean()
+    assert metrics.list_images(tmp_path / "films")[0].name == "0.dcm"
+    image = metrics.load_image(tmp_path / "films" / "0.dcm")
+    assert image.shape == (3, 32, 32) and image.dtype == torch.float32
+    assert torch.equal(image[0], torch.from_numpy(image_files.read_planes(tmp_path / "films" / "0.dcm")[0]))
+
+
+# ------------------------------------------------------------------------------------------- 12-bit PNG
+def test_sixteen_bit_png_below_4096_is_twelve_bit_data(tmp_path, monkeypatch):
+    monkeypatch.setattr(image_files, "_warned_twelve_bit", False)
+    ramp = np.linspace(0, 4000, 24 * 20).reshape(24, 20).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "a.png")
+    Image.fromarray(ramp // 2).save(tmp_path / "b.png")
+    Image.fromarray(ramp * 16).save(tmp_path / "full.png")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        a, b, full = (image_files.read_planes(tmp_path / n)[0] for n in ("a.png", "b.png", "full.png"))
+        from_eval = metrics.load_image(tmp_path / "a.png")
+    assert np.allclose(a, ramp / 4095) and np.allclose(b, (ramp // 2) / 4095) and a.max() > 0.97
+    assert np.allclose(full, ramp * 16 / 65535)   # above 12 bits: scaled by the full 16-bit range
+    assert [str(w.message).split(":")[0] for w in caught] == [str(tmp_path / "a.png")]   # once, naming a file
+    assert "read as 12-bit data" in str(caught[0].message)
+    assert torch.allclose(from_eval, torch.from_numpy(ramp / 4095).float().expand(3, -1, -1))
+
+
+# ------------------------------------------------------------------------------------------- bad DICOMs
+def bad_dicoms(folder):
+    """{file name: the reason minisd gives}, one file per kind of bad DICOM."""
+    from pydicom.encaps import encapsulate
+    from pydicom.pixels import get_decoder
+    from pydicom.uid import JPEGLSLossless, UID
+    pixels = np.zeros((8, 8), np.uint16)
+    reasons = {}
+    ds = pydicom.dcmread(write_dicom(folder / "nopixels.dcm", pixels))
+    del ds.PixelData
+    ds.save_as(folder / "nopixels.dcm")
+    reasons["nopixels.dcm"] = "DICOM without pixel data"
+    write_dicom(folder / "frames.dcm", np.zeros((3, 8, 8), np.uint16))
+    reasons["frames.dcm"] = "multi-frame DICOM (minisd reads single films)"
+    for name, syntax in (("jpegls.dcm", JPEGLSLossless), ("private.dcm", UID("1.2.826.0.1.3680043.9.9999.1"))):
+        ds = pydicom.dcmread(write_dicom(folder / name, pixels))
+        ds.file_meta.TransferSyntaxUID = syntax
+        ds.PixelData = encapsulate([b"\xff\x4f not a codestream"])
+        ds["PixelData"].VR = "OB"
+        ds.save_as(folder / name, enforce_file_format=True)
+    if not get_decoder(JPEGLSLossless).is_available:
+        reasons["jpegls.dcm"] = ("DICOM in JPEG-LS Lossless Image Compression without an installed decoder "
+                                 "(install one of: python-gdcm>=3.0.10; pylibjpeg>=2.0 and pylibjpeg-libjpeg>=2.1; "
+                                 "pyjpegls>=1.2)")
+    reasons["private.dcm"] = "DICOM in transfer syntax 1.2.826.0.1.3680043.9.9999.1, which pydicom cannot decode"
+    whole = write_dicom(folder / "cut.dcm", np.ones((64, 64), np.uint16)).read_bytes()
+    (folder / "cut.dcm").write_bytes(whole[:len(whole) - 1000])
+    (folder / "text.dcm").write_text("not a DICOM file")
+    reasons["cut.dcm"] = reasons["text.dcm"] = "unreadable image"
+    return reasons
+
+
+def test_every_bad_dicom_is_one_line(tmp_path):
+    reasons = bad_dicoms(tmp_path)
+    for name, reason in reasons.items():
+        assert image_files.image_problem(tmp_path / name) == reason, name
+        with pytest.raises(MinisdError) as error:
+            metrics.load_image(tmp_path / name)
+        message = str(error.value)
+        assert message.startswith(f"{tmp_path / name}: ") and "\n" not in message, message
+        if reason != "unreadable image":
+            assert message == f"{tmp_path / name}: {reason}"
+
+
+def test_bad_dicoms_in_a_data_set_are_skipped_counted_and_named(tmp_path):
+    reasons = bad_dicoms(tmp_path)
+    for k in range(2):
+        write_dicom(tmp_path / f"good{k}.dcm", np.full((8, 8), 100 * k, np.uint16))
+    rows = [[name, "a film"] for name in [*reasons, "good0.dcm", "good1.dcm"]]
+    with open(tmp_path / "metadata.csv", "w", newline="") as f:
+        csv.writer(f).writerows([["file_name", "text", "split"]] + [row + ["train"] for row in rows])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ds = load_dataset("folder", tmp_path, resolution=8)
+    assert sorted(r["file"] for r in ds.manifest()) == ["good0.dcm", "good1.dcm"]
+    message, = [str(w.message) for w in caught]
+    assert "1 DICOM without pixel data" in message and "1 multi-frame DICOM" in message
+    assert "2 unreadable image" in message and "which pydicom cannot decode" in message
+    assert ds.report["DICOM without pixel data"] == 1 and ds.report["unreadable image"] == 2
