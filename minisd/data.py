@@ -1,5 +1,6 @@
-"""Image-text data sets: IU X-Ray, the Montgomery County CXR set, any image folder with captions, and
-the built-in phantom. Image files are read by minisd.image_files (PNG, JPEG, TIFF, DICOM).
+"""Image-text data sets: IU X-Ray (Kaggle's CSVs, or the original OpenI release: minisd.openi), the
+Montgomery County CXR set, any image folder with captions, and the built-in phantom. Image files are read
+by minisd.image_files (PNG, JPEG, TIFF, DICOM).
 
     ds = load_dataset("iuxray", root="data/iuxray", split="train", resolution=224, seed=0)
     ds[i]  # {"image": float [3, R, R] in [-1, 1], "prompt": str, "id": str}
@@ -7,7 +8,7 @@ the built-in phantom. Image files are read by minisd.image_files (PNG, JPEG, TIF
 File-based sets are read once at construction: rows that cannot be used are skipped and counted by
 reason in `ds.report` (for the whole data set; "kept" counts this split), images are checked cheaply
 (header and end of file) and the problems are reported in one warning. Splits are drawn from a fixed
-seed over sorted keys, so they do not depend on row order; IU X-Ray splits by study (uid).
+seed over sorted keys, so they do not depend on row order; IU X-Ray splits by study (uid), in both releases.
 """
 import codecs
 import csv
@@ -27,7 +28,7 @@ from . import phantom
 from .errors import MinisdError
 from .image_files import UNREADABLE, image_problem, image_size, load_image
 
-DATASETS = ("iuxray", "montgomery", "folder", "phantom")
+DATASETS = ("iuxray", "montgomery", "folder", "phantom", "openi")
 THREE_WAY = {"train": 0.8, "val": 0.16, "test": 0.04}
 TWO_WAY = {"train": 0.8, "test": 0.2}
 PHANTOM_SIZE = 2000
@@ -39,6 +40,9 @@ LAYOUTS = {
                   "MontgomerySet, or MontgomerySet itself)",
     "folder": "expected a folder with metadata.csv or metadata.jsonl (columns file_name, text and "
               "optionally split) and the images it names",
+    "openi": "expected the OpenI release: ecgen-radiology/*.xml reports and their images (PNG or DICOM, "
+             "named by parentImage id) anywhere below, with projections.csv or indiana_projections.csv "
+             "(filename, projection) where the images carry no DICOM View Position",
 }
 SELECTIONS = {"lateral projection"}  # skipped by design, not a problem worth a warning
 SMALL = 2   # an image whose shorter side is less than --resolution / SMALL is upscaled more than that: warned
@@ -305,7 +309,12 @@ def read_folder(root):
     return candidates, skipped, THREE_WAY
 
 
-READERS = {"iuxray": read_iuxray, "montgomery": read_montgomery, "folder": read_folder}
+def read_openi(root):
+    from .openi import read_openi   # builds on this module's rows and samples
+    return read_openi(root)
+
+
+READERS = {"iuxray": read_iuxray, "montgomery": read_montgomery, "folder": read_folder, "openi": read_openi}
 
 
 # ------------------------------------------------------------------------------------------- entry point
@@ -332,7 +341,8 @@ def load_dataset(name, root=None, split="train", resolution=224, seed=0, window=
     if isinstance(splits, dict):
         chosen = assign_splits([group for _, group, _ in candidates], splits, seed)
         candidates = [(sample, group, chosen[group]) for sample, group, _ in candidates]
-    problems, before_split = {}, Counter(skipped)
+    # a reader may name a file per reason
+    problems, before_split = dict(getattr(skipped, "examples", {})), Counter(skipped)
     samples, split_counts = [], {name: Counter(images=0) for name in names}
     for sample, _, sample_split in candidates:
         problem = image_problem(root / sample.file)

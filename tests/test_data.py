@@ -308,7 +308,7 @@ def test_bad_arguments():
         load_dataset("phantom", resolution=0)
     with pytest.raises(MinisdError, match=r"phantom has no split 'valid'.*train, val, test"):
         load_dataset("phantom", split="valid")
-    assert DATASETS == ("iuxray", "montgomery", "folder", "phantom")
+    assert DATASETS == ("iuxray", "montgomery", "folder", "phantom", "openi")
 
 
 def test_missing_column_names_it(iuxray):
