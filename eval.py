@@ -1,4 +1,5 @@
-"""Evaluate generated images: FID (Inception dims 64/192/768/2048), KID, CLIP score, SSIM/PSNR.
+"""Evaluate generated images: FID (Inception dims 64/192/768/2048), KID, CLIP score, SSIM/PSNR, and with
+--features xrv FID and KID on chest-X-ray features (torchxrayvision's DenseNet-121).
 
   python eval.py --real DIR --fake DIR [--prompts FILE]          two image folders
   python eval.py --model M --adapter A --data NAME --data-root D  generate from the test prompts, per seed
@@ -13,6 +14,7 @@ import warnings
 from pathlib import Path
 
 import minisd
+from minisd import xrv
 from minisd.adapters import read_adapter
 from minisd.cli import (PRECISIONS, ArgumentParser, check, check_data_root, check_finite, check_pixels, check_seed,
                         check_steps, check_window, data_seed_of, main_guard, output_folder, pick_device,
@@ -56,6 +58,10 @@ def parse_args(argv):
                    help="use --inception-weights whose SHA-256 is not pytorch-fid's (FID not comparable; warned)")
     g.add_argument("--clip-weights", help="open_clip ViT-L-14-quickgelu OpenAI weights (default: cache, else download)")
     g.add_argument("--no-clip", action="store_true", help="no CLIP score (when only the Inception weights are at hand)")
+    g.add_argument("--features", choices=["xrv"], help="also FID and KID on torchxrayvision's DenseNet-121 "
+                                                       "(densenet121-res224-all) chest-X-ray features")
+    g.add_argument("--xrv-weights", help=f"torchxrayvision's {xrv.WEIGHTS_FILE} (or its state dict) "
+                                         "(default: cache, else download)")
     g.add_argument("--dims", type=int, nargs="+", choices=DIMS, default=list(DIMS), help="Inception dims for FID")
     g.add_argument("--kid-subset-size", type=int, help="default: min(1000, number of images)")
     g.add_argument("--kid-subsets", type=int, default=100, help="KID subsets drawn")
@@ -164,6 +170,10 @@ def check_args(args):
         check_seed("--data-seed", args.data_seed)
     if args.window is not None:
         check_window("--window", args.window)
+    if args.xrv_weights and args.features != "xrv":
+        raise MinisdError("--xrv-weights needs --features xrv")
+    if args.xrv_weights:
+        xrv.weights_path(args.xrv_weights)   # a missing file is named before any work
     for seed in args.seeds:
         check_seed("--seeds", seed)
     if len(set(args.seeds)) < len(args.seeds):

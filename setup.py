@@ -30,7 +30,7 @@ setup(
     # pydicom reads DICOM films; it decodes JPEG 2000 and JPEG baseline through Pillow (>= 10) and RLE itself
     install_requires=["torch>=2.4", "numpy", "safetensors", "pillow>=10", "scipy", "ninja", "open-clip-torch", "ftfy",
                       "regex", "tqdm", "huggingface_hub", "tokenizers", "matplotlib", "pydicom>=3"],
-    # test-only references: pydicom-data (real DICOM films), torchxrayvision (the OpenI reports)
+    # test-only references: pydicom-data (real DICOM films), torchxrayvision (its DenseNet and the OpenI reports)
     extras_require={"test": ["pytest", "diffusers", "transformers", "peft", "pytorch-fid", "accelerate",
                              "pydicom-data", "torchxrayvision"]},
     ext_modules=ext_modules,

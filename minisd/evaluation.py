@@ -10,7 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import metrics
+from . import metrics, xrv
 from .cli import PRECISIONS, read_run_record
 from .errors import MinisdError
 from .images import grid, save_png
@@ -33,8 +33,16 @@ class Evaluator:
             self.clip = metrics.load_clip(args.clip_weights, device)
             clip_file = metrics.clip_weights_file(args.clip_weights)
             self.clip_weights = {"path": str(clip_file), "sha256": sha256_file(clip_file)}
+        self.xrv, xrv_path = xrv.load_xrv(args.xrv_weights, device) if args.features == "xrv" else (None, None)
+        self.xrv_weights = xrv.weights_record(xrv_path) if self.xrv else None
         self.args, self.device = args, device
-        self.real_features = None
+        self.real_features = self.real_xrv = None
+
+    def record(self):
+        """Which feature networks, and the hashes of their weights, for eval.json."""
+        out = {"features": ["inception"] + (["xrv"] if self.xrv else []), "inception_weights": self.weights,
+               "clip_weights": self.clip_weights}
+        return {**out, "xrv_weights": self.xrv_weights} if self.xrv else out
 
     def __call__(self, real, fake, pairs=None, prompts=None):
         """real, fake: lists of image files or tensors; pairs: [(real, fake)] for SSIM/PSNR; prompts per fake."""
@@ -50,6 +58,8 @@ class Evaluator:
         subset = a.kid_subset_size or min(1000, len(real), len(fake))
         mean, std = metrics.kid(self.real_features[kid_dim], fake_features[kid_dim], subset, a.kid_subsets)
         result["kid"] = {"mean": mean, "std": std, "dims": kid_dim, "subset_size": subset, "subsets": a.kid_subsets}
+        if self.xrv:
+            result["xrv"] = self.xrv_metrics(real, fake, subset)
         result["clip_score"] = None
         if prompts is not None and self.clip is not None:
             clip = metrics.clip_score(fake, prompts, self.clip, a.batch_size, self.device)
@@ -62,6 +72,21 @@ class Evaluator:
             result["ssim"] = {**mean_std(ssim), "pairs": len(pairs)}
             result["psnr"] = {**mean_std(psnr), "pairs": len(pairs)}
         return result
+
+    def xrv_metrics(self, real, fake, subset):
+        """FID and KID on the chest-X-ray features (minisd.xrv)."""
+        a = self.args
+        if self.real_xrv is None:
+            self.real_xrv = xrv.features(self.xrv, real, a.batch_size, self.device, a.window, desc="xrv (real)")
+        fake_xrv = xrv.features(self.xrv, fake, a.batch_size, self.device, desc="xrv (generated)")
+        if min(len(real), len(fake)) < xrv.DIMS:
+            warnings.warn(f"FID-XRV: {len(real)} real / {len(fake)} generated images, fewer than the {xrv.DIMS} "
+                          f"feature dims; the covariances are singular")
+        fid = metrics.frechet_distance(*metrics.activation_statistics(self.real_xrv),
+                                       *metrics.activation_statistics(fake_xrv))
+        mean, std = metrics.kid(self.real_xrv, fake_xrv, subset, a.kid_subsets)
+        return {"fid": fid, "kid": {"mean": mean, "std": std, "dims": xrv.DIMS, "subset_size": subset,
+                                    "subsets": a.kid_subsets}}
 
 
 def mean_std(values):
@@ -108,8 +133,7 @@ def evaluate_folders(args, device):
         result["clip_score"]["per_image"] = dict(zip((f.name for f in fake), result["clip_score"]["per_image"]))
     n = min(len(real), len(fake), GRID_COLUMNS)
     rows = [[metrics.to_unit(x, args.window) for x in real[:n]], [metrics.to_unit(x) for x in fake[:n]]]
-    return {"mode": "folders", "real": str(args.real), "fake": str(args.fake), **result,
-            "inception_weights": evaluate.weights, "clip_weights": evaluate.clip_weights}, rows
+    return {"mode": "folders", "real": str(args.real), "fake": str(args.fake), **result, **evaluate.record()}, rows
 
 
 def latest_run(runs="runs"):
@@ -168,8 +192,7 @@ def evaluate_model(args, device):
             "ids": [item["id"] for item in items], "resolution": resolution, "seeds": args.seeds,
             "steps": args.steps, "guidance": args.guidance, "summary": summary, "per_seed": per_seed,
             "truncated_prompts": next(iter(per_seed.values())).get("truncated_prompts", 0),
-            "images": next(iter(per_seed.values()))["images"], "inception_weights": evaluate.weights,
-            "clip_weights": evaluate.clip_weights}, rows
+            "images": next(iter(per_seed.values()))["images"], **evaluate.record()}, rows
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -181,6 +204,9 @@ def scalars(result, key="mean"):
     """The headline numbers (or with key="std" their spread) of one result, by table label."""
     out = {f"FID-{d}": v for d, v in result["fid"].items()} if key == "mean" else {}
     out[f"KID ({result['kid']['dims']}-d)"] = result["kid"][key]
+    if result.get("xrv"):
+        out.update({"FID-XRV": result["xrv"]["fid"]} if key == "mean" else {})
+        out["KID (XRV)"] = result["xrv"]["kid"][key]
     out.update({label: result[k][key] for k, label in LABELS.items() if result[k]})
     return out
 
@@ -210,6 +236,8 @@ def markdown(report):
                          + " | ".join(fmt(r[name]) for r in per_seed) + " |")
         lines.append(f"| images | {report['images']['real']} real, {report['images']['generated']} per seed |")
     lines += ["", f"Inception weights sha256 {report['inception_weights']['sha256'][:16]}…, resize: {RESIZE_MODE}."]
+    if report.get("xrv_weights"):
+        lines.append(f"XRV: {xrv.FEATURES}; weights sha256 {report['xrv_weights']['sha256'][:16]}….")
     for w in report["warnings"]:
         lines.append(f"- warning: {w}")
     return "\n".join(lines) + "\n"

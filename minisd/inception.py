@@ -254,19 +254,23 @@ def load_inception(path=None, device="cpu"):
     path = weights_path(path)
     state = read_tensors(str(path))
     net = FIDInception()
+    # the classifier is not used for features
+    load_exactly(net, {k: v for k, v in state.items() if not k.startswith("fc.")}, path, WEIGHTS_FILE)
+    return net.to(device=device, dtype=torch.float32)
+
+
+def load_exactly(net, state, path, expected):
+    """`state` into `net`, every key there with its shape and no other, else an error naming the key (files
+    from older torch lack num_batches_tracked, which eval mode does not use)."""
     own = net.state_dict()
-    # the classifier is not used for features; files from older torch lack num_batches_tracked
-    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
     for k in own:
         if k.endswith("num_batches_tracked"):
             state.setdefault(k, own[k])
-    for k in own:
         if k not in state:
-            raise MinisdError(f"{path}: missing key {k} (not {WEIGHTS_FILE}?)")
+            raise MinisdError(f"{path}: missing key {k} (not {expected}?)")
         if state[k].shape != own[k].shape:
             raise MinisdError(f"{path}: {k} has shape {tuple(state[k].shape)}, want {tuple(own[k].shape)}")
     for k in state:
         if k not in own:
-            raise MinisdError(f"{path}: unexpected key {k} (not {WEIGHTS_FILE}?)")
+            raise MinisdError(f"{path}: unexpected key {k} (not {expected}?)")
     net.load_state_dict(state)
-    return net.to(device=device, dtype=torch.float32)

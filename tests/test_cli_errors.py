@@ -168,6 +168,8 @@ EVAL = ["--model", "tiny", "--data", "phantom"]
     (["--data-root", "elsewhere"], "--data-root elsewhere: the phantom data set is built in"),
     (["--out", "FILE"], "--out {FILE}: is a file, expected a folder"),
     (["--window", "nan", "400"], "--window must be CENTER WIDTH, finite, with WIDTH at least 1, got nan 400"),
+    (["--xrv-weights", "FILE"], "--xrv-weights needs --features xrv"),
+    (["--features", "xrv", "--xrv-weights", "none.pt"], "--xrv-weights none.pt: no such file (want torchxrayvision's"),
 ])
 def test_eval_flags(scripts, capsys, tmp_path, monkeypatch, argv, message):
     monkeypatch.chdir(tmp_path)
