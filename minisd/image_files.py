@@ -149,35 +149,51 @@ def is_dicom(path):
 # ------------------------------------------------------------------------------------------- DICOM
 def read_dicom(path, window=None):
     """A single-frame DICOM film as planes in [0, 1] (see the module's docstring); UnreadableImage otherwise."""
+    # pydicom raises anything from ValueError to struct.error on damaged files, and warns about every
+    # small departure from the standard; a film either reads or is one line
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            ds = dicom_header(path, full=True)
+        except Exception as e:
+            raise UnreadableImage(f"{path}: not a readable DICOM file ({first_line(e)})") from None
+        problem = dataset_problem(ds)
+        if problem:
+            raise UnreadableImage(f"{path}: {problem}")
+        try:
+            pixels = ds.pixel_array
+        except Exception as e:
+            raise UnreadableImage(f"{path}: its pixel data cannot be decoded ({first_line(e)})") from None
+        try:
+            return display_planes(pixels, ds, window)
+        except Exception as e:   # a LUT or window the standard does not allow
+            raise UnreadableImage(f"{path}: its modality or VOI transform cannot be applied ({first_line(e)})") from None
+
+
+def dicom_header(path, full=False):
+    """The data set of a DICOM file: all of it, or its header with the pixel data left unread."""
     import pydicom
+    return pydicom.dcmread(path) if full else pydicom.dcmread(path, defer_size="1 KB")
+
+
+def display_planes(pixels, ds, window):
+    """Decoded pixels through the modality LUT, the VOI transform and MONOCHROME1's inversion."""
     from pydicom.pixels import apply_modality_lut, apply_voi
-    try:
-        ds = pydicom.dcmread(path)
-    except Exception as e:   # pydicom's reader raises many kinds on damaged files
-        raise UnreadableImage(f"{path}: not a readable DICOM file ({first_line(e)})") from None
-    problem = dataset_problem(ds)
-    if problem:
-        raise UnreadableImage(f"{path}: {problem}")
-    try:
-        pixels = ds.pixel_array
-    except Exception as e:   # the decoders raise anything from ValueError to struct.error on damaged data
-        raise UnreadableImage(f"{path}: its pixel data cannot be decoded ({first_line(e)})") from None
     if ds.PhotometricInterpretation in COLOUR:   # decoded to RGB by pydicom
         scale = 2.0 ** ds.BitsStored - 1
         return [(pixels[..., k] / scale).astype(np.float32) for k in range(3)]
     values = apply_modality_lut(pixels, ds)
-    try:
-        if window is not None:
-            grey = linear_window(values, *window)
-        elif has_voi_lut(ds):
-            grey = voi_lut(values, ds, apply_voi)
-        elif "WindowCenter" in ds and "WindowWidth" in ds:
-            grey = file_window(values, ds)
-        else:
-            low, high = float(values.min()), float(values.max())
-            grey = (values - low) / (high - low) if high > low else np.zeros(values.shape)
-    except (ValueError, TypeError, IndexError) as e:   # a window or LUT the standard does not allow
-        raise UnreadableImage(f"{path}: its VOI transform cannot be applied ({first_line(e)})") from None
+    if window is not None:
+        grey = linear_window(values, *window)
+    elif has_voi_lut(ds):
+        grey = voi_lut(values, ds, apply_voi)
+    elif all(ds.get(k) not in (None, "") for k in ("WindowCenter", "WindowWidth")):   # pydicom's test too
+        grey = file_window(values, ds)
+    else:
+        low, high = float(values.min()), float(values.max())
+        grey = (values - low) / (high - low) if high > low else np.zeros(values.shape)
+    if not np.isfinite(grey).all():   # e.g. a rescale slope of NaN
+        raise ValueError("it gives values that are not finite")
     if ds.PhotometricInterpretation == "MONOCHROME1":
         grey = 1 - grey
     return [np.asarray(grey, dtype=np.float32)]
@@ -225,23 +241,24 @@ def voi_lut(values, ds, apply_voi):
 
 def dicom_problem(path):
     """What makes a DICOM file unusable, read from its header (the pixel data itself is not decoded), or None."""
-    import pydicom
-    try:
-        ds = pydicom.dcmread(path, defer_size="1 KB")
-    except FileNotFoundError:
-        return "missing image"
-    except Exception:   # pydicom's reader raises many kinds on damaged files
-        return "unreadable image"
-    problem = dataset_problem(ds)
-    if problem:
-        return problem
-    element = ds.get_item("PixelData", keep_deferred=True)
-    if ds.file_meta.get("TransferSyntaxUID", pydicom.uid.ImplicitVRLittleEndian).is_encapsulated:
-        complete = SEQUENCE_END in file_tail(path)
-    else:
-        frame = ds.Rows * ds.Columns * ds.get("SamplesPerPixel", 1) * ds.BitsAllocated
-        complete = (element.length >= (frame + 7) // 8
-                    and element.value_tell + element.length <= os.path.getsize(path))
+    from pydicom.uid import ImplicitVRLittleEndian
+    with warnings.catch_warnings():   # as in read_dicom: a film either reads or is one reason
+        warnings.simplefilter("ignore")
+        try:
+            ds = dicom_header(path)
+            problem = dataset_problem(ds)
+            if problem:
+                return problem
+            element = ds.get_item("PixelData", keep_deferred=True)
+            if ds.file_meta.get("TransferSyntaxUID", ImplicitVRLittleEndian).is_encapsulated:
+                return None if SEQUENCE_END in file_tail(path) else "unreadable image"
+            frame = ds.Rows * ds.Columns * ds.get("SamplesPerPixel", 1) * ds.BitsAllocated
+            complete = (element.length >= (frame + 7) // 8
+                        and element.value_tell + element.length <= os.path.getsize(path))
+        except FileNotFoundError:
+            return "missing image"
+        except Exception:
+            return "unreadable image"
     return None if complete else "unreadable image"
 
 

@@ -13,6 +13,7 @@ IMPRESSION), the study key (the report number, Kaggle's uid) and the sample id (
 """
 import os
 import re
+import warnings
 import xml.etree.ElementTree as ElementTree
 from collections import Counter
 from pathlib import Path
@@ -71,9 +72,9 @@ def read_openi(root):
                       else "duplicate image" if key in seen else None)
             seen.add(key)
             if reason:
-                skipped.add(reason, file or image)
+                skipped.add(reason, file or Path(image).name)
             else:   # a film that is not there is counted when the images are checked, after the split
-                candidates.append((Sample(key, file or image, prompt), study, None))
+                candidates.append((Sample(key, file or Path(image).name, prompt), study, None))
     return candidates, skipped, THREE_WAY
 
 
@@ -126,10 +127,12 @@ def read_projections(root):
 def dicom_view(path):
     """The View Position of a DICOM film, read from its header; None if it has none or cannot be read."""
     import pydicom
-    try:
-        return pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["ViewPosition"]).get("ViewPosition")
-    except Exception:   # pydicom raises many kinds on damaged files; the image check reports the file
-        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            return pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["ViewPosition"]).get("ViewPosition")
+        except Exception:   # pydicom raises many kinds on damaged files; the image check reports the file
+            return None
 
 
 def projection(value):

@@ -200,6 +200,34 @@ def test_every_bad_dicom_is_one_line(tmp_path):
             assert message == f"{tmp_path / name}: {reason}"
 
 
+def test_damaged_dicoms_read_or_fail_in_one_line(tmp_path):
+    ramp = np.arange(0, 4096, 16, dtype=np.uint16).reshape(16, 16)
+    good = write_dicom(tmp_path / "good.dcm", ramp, WindowCenter=2000, WindowWidth=3000, RescaleSlope=1,
+                       RescaleIntercept=0).read_bytes()
+    rng = np.random.default_rng(0)
+    path = tmp_path / "damaged.dcm"
+    for k in range(60):
+        data = bytearray(good[:rng.integers(1, len(good))] if k % 3 == 0 else good)   # cut short, or bytes changed
+        for position in rng.integers(128, len(data), 0 if k % 3 == 0 else 6):
+            data[position] = rng.integers(0, 256)
+        path.write_bytes(bytes(data))
+        reason = image_files.image_problem(path)
+        assert reason is None or "\n" not in reason
+        try:
+            planes = image_files.read_planes(path)
+        except image_files.UnreadableImage as error:
+            assert str(error).startswith(f"{path}: ") and "\n" not in str(error)
+        else:
+            assert all(np.isfinite(p).all() and 0 <= p.min() and p.max() <= 1 for p in planes)
+    ds = pydicom.dcmread(tmp_path / "good.dcm")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # pydicom says that NaN is no valid decimal string: that is the point
+        ds.RescaleSlope = "NaN"
+        ds.save_as(path)
+    with pytest.raises(image_files.UnreadableImage, match="transform cannot be applied .*not finite"):
+        image_files.read_planes(path)
+
+
 def test_bad_dicoms_in_a_data_set_are_skipped_counted_and_named(tmp_path):
     reasons = bad_dicoms(tmp_path)
     for k in range(2):
