@@ -198,6 +198,7 @@ def main(argv=None):
         if not issubclass(w.category, DeprecationWarning) and str(w.message) not in messages:
             messages.append(str(w.message))
     report["resize_mode"] = RESIZE_MODE
+    report["dicom_window"] = args.window   # None: each film's own VOI LUT or window
     report.setdefault("truncated_prompts", 0)
     report["warnings"] = messages
     table = markdown(report)

@@ -109,7 +109,7 @@ def test_eval_reports_fid_and_kid_on_xrv_features(weights, tmp_path, monkeypatch
          str(tmp_path / "inception.pth"), "--dims", "64", "--features", "xrv", "--xrv-weights", str(tmp / "whole.pt"),
          "--kid-subset-size", "2", "--batch-size", "4", "--out", str(out)])
     assert json.loads((out / "eval.json").read_text()) == json.loads(json.dumps(report))
-    assert report["features"] == ["inception", "xrv"]
+    assert report["features"] == ["inception", "xrv"] and report["dicom_window"] is None
     assert report["xrv_weights"]["sha256"] == hashlib.sha256((tmp / "whole.pt").read_bytes()).hexdigest()
     # the numbers come from the xrv features of the real and of the generated files
     net, _ = xrv.load_xrv(tmp / "whole.pt")
