@@ -126,7 +126,7 @@ def module_state(obj, prefix=""):
 
 def read_pickled_model(path):
     """{name: tensor} of the whole model pickled in `path`, or None when the file holds something else (a state
-    dict, which minisd.checkpoint.read_tensors reads with torch's own weights-only loader)."""
+    dict, which minisd.checkpoint.files.read_tensors reads with torch's own weights-only loader)."""
     try:
         obj = load(path)
     except OSError as e:
