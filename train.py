@@ -28,7 +28,8 @@ TINY_DEFAULTS = {"max_steps": 80, "resolution": 128, "val_max": 64}
 # The SeLoRA authors' released code: alpha 8 at rank 1 (s = 8), λ 1.3, no prompt dropout, squared batch
 # gradients. Flags given on the command line override a preset's values.
 PRESETS = {"authors": {"alpha": 8.0, "lam": 1.3, "cfg_dropout": 0.0, "fisher": "batch"}}
-NEWER_FLAGS = ("data_seed", "fisher", "preset", "val_every", "tensorboard")   # absent from older runs' records
+# absent from older runs' records
+NEWER_FLAGS = ("data_seed", "fisher", "preset", "val_every", "tensorboard", "window")
 
 
 def parser():
@@ -155,7 +156,8 @@ def resume_args(args, given):
     # what an older run did: its split was drawn with --seed, its Fisher information per sample, and it
     # validated at every epoch's end
     saved.update(data_seed=data_seed_of(saved), fisher=saved.get("fisher", "sample"), preset=saved.get("preset"),
-                 val_every=saved.get("val_every", 1), tensorboard=saved.get("tensorboard", False))
+                 val_every=saved.get("val_every", 1), tensorboard=saved.get("tensorboard", False),
+                 window=saved.get("window"))
     changed = sorted(k for k in given - RESUME_FLAGS if getattr(args, k) != saved[k])
     if changed:
         flag = changed[0]
