@@ -118,10 +118,9 @@ def image_size(path):
     """(width, height) read from the file's header, or None if it cannot be read."""
     try:
         if is_dicom(path):
-            import pydicom
-            with warnings.catch_warnings():   # pydicom warns about every small departure from the standard
+            with warnings.catch_warnings():   # as in read_dicom
                 warnings.simplefilter("ignore")
-                ds = pydicom.dcmread(path, defer_size="1 KB")
+                ds = dicom_header(path)
                 return int(ds.Columns), int(ds.Rows)
         with Image.open(path) as image:
             return image.size

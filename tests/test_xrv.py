@@ -106,7 +106,7 @@ def test_eval_reports_fid_and_kid_on_xrv_features(weights, tmp_path, monkeypatch
     out = tmp_path / "out"
     report = load_script("eval.py").main(
         ["--real", str(tmp_path / "real"), "--fake", str(tmp_path / "fake"), "--inception-weights",
-         str(tmp_path / "inception.pth"), "--dims", "64", "--features", "xrv", "--xrv-weights", str(tmp / "whole.pt"),
+         str(tmp_path / "inception.pth"), "--force-inception-weights", "--dims", "64", "--features", "xrv", "--xrv-weights", str(tmp / "whole.pt"),
          "--kid-subset-size", "2", "--batch-size", "4", "--out", str(out)])
     assert json.loads((out / "eval.json").read_text()) == json.loads(json.dumps(report))
     assert report["features"] == ["inception", "xrv"] and report["dicom_window"] is None
