@@ -1,8 +1,10 @@
 """Timing helpers shared by the benchmarks."""
 import datetime
 import json
+import os
 import platform
 import statistics
+import tempfile
 import time
 
 import torch
@@ -36,6 +38,17 @@ def environment(device):
 
 
 def write_json(path, payload):
-    if path:
-        with open(path, "w") as f:
-            json.dump(payload, f, indent=2)
+    """Write payload to path (parents created) atomically, so that a run cut short leaves the last whole file."""
+    if not path:
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=folder, suffix=".tmp", delete=False) as f:
+        json.dump(payload, f, indent=2)
+    os.replace(f.name, path)
+
+
+def target(name, figure, unit, goal, met):
+    """One entry of a bench JSON's "targets": the figure measured against the goal the project set for it
+    (figure and met None when it could not be measured)."""
+    return {"name": name, "figure": figure, "unit": unit, "target": goal, "met": None if figure is None else bool(met)}

@@ -1,9 +1,14 @@
 """The fused SeLoRA op vs the PyTorch reference on every adapted-layer shape of SD-1.5: forward + backward
-with and without Fisher terms, against a bare nn.Linear forward + backward (the floor) and the device's
-measured copy bandwidth.
+with and without Fisher terms, a bare nn.Linear forward + backward (the floor), and the per-sample Fisher
+kernels alone against the device's measured copy bandwidth.
 
-    python bench/kernel.py --json kernel.json      # GPU: U-Net at 224 and 512 px (batch 8) + text encoder, bf16
-    python bench/kernel.py --device cpu --quick    # smoke run: the tiny model's shapes, reference only
+    python bench/kernel.py --json kernel.json                  # GPU: U-Net at 224 and 512 px (batch 8) + text encoder, bf16
+    python bench/kernel.py --smoke --emulated --json k.json    # CPU rehearsal: tiny shapes, the op's CPU emulation
+
+Targets (medians over the shapes): fused fwd+bwd+Fisher ≥ 1.5× the reference; Fisher terms add ≤ 15% to the
+fused op; the Fisher kernels move their least bytes (P and Q read once, outputs written once) at ≥ 60% of the
+copy bandwidth on the memory-bound shapes, those where that least traffic is ≥ 32 MiB (launch latency and
+the per-sample reduction's fixed cost small beside it).
 """
 import argparse
 import os
@@ -16,15 +21,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from minisd.adapters.fused import FusedSeLoRAOps, selora_ops  # noqa: E402
 from minisd.adapters.op import selora_backward, selora_forward  # noqa: E402
 from minisd.config import CONFIGS  # noqa: E402
-from minisd.fused import selora_ops  # noqa: E402
 from minisd.model import StableDiffusion  # noqa: E402
-from common import environment, write_json  # noqa: E402
+from common import environment, target, write_json  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 SCALE = 0.5
+MEMORY_BOUND_BYTES = 32 * 2 ** 20
 
 
 def layer_shapes(config, sizes, batch):
@@ -56,13 +63,20 @@ def layer_shapes(config, sizes, batch):
 
 
 def input_sets(shape, batch, rank, dtype, device, count):
+    """`count` sets of a layer's operands (rotated through, so that timings do not measure the cache), with
+    u = x [A; K]ᵀ and v = g B for the Fisher kernels alone."""
     d_in, d_out, tokens, bias = shape
     M = batch * tokens
-    randn = lambda *s, std=1.0: (std * torch.randn(*s, device=device)).to(dtype)
+    randn = lambda *s, std=1.0: (std * torch.randn(*s, device=device)).to(dtype)  # noqa: E731
     weight, b = randn(d_out, d_in, std=d_in ** -0.5), randn(d_out, std=0.1) if bias else None
     A, B = randn(rank, d_in, std=d_in ** -0.5), randn(d_out, rank, std=rank ** -0.5)
-    return [SimpleNamespace(x=randn(M, d_in), g=randn(M, d_out), K=randn(d_in, std=d_in ** -0.5), weight=weight,
-                            bias=b, A=A, B=B, n=batch) for _ in range(count)]
+    sets = []
+    for _ in range(count):
+        c = SimpleNamespace(x=randn(M, d_in), g=randn(M, d_out), K=randn(d_in, std=d_in ** -0.5), weight=weight,
+                            bias=b, A=A, B=B, n=batch)
+        c.u, c.v = c.x @ torch.cat([A, c.K[None]]).t(), c.g @ B
+        sets.append(c)
+    return sets
 
 
 def selora_step(forward, backward, fisher):
@@ -75,6 +89,23 @@ def selora_step(forward, backward, fisher):
 def linear_step(c):
     F.linear(c.x, c.weight, c.bias)
     c.g @ c.weight  # grad x; the base weight is frozen
+
+
+def fisher_kernels_step(extension, rank):
+    def step(c):
+        extension.fisher_kernels(c.g, c.u, rank, c.n, SCALE)  # grad B, F_B, G_new, F_new
+        extension.fisher_kernels(c.x, c.v, rank, c.n, SCALE)  # grad A, F_A
+    return step
+
+
+def fisher_kernel_bytes(shape, batch, rank, itemsize):
+    """Least traffic of the two Fisher-kernel calls: g, [u | p], x, v read once; grad B, grad A in the
+    inputs' dtype and F_B, F_A, G_new, F_new per output column in fp32 written once."""
+    d_in, d_out, tokens, _ = shape
+    M = batch * tokens
+    reads = M * (d_out + rank + 1 + d_in + rank) * itemsize
+    writes = (d_out + d_in) * rank * (itemsize + 4) + 2 * d_out * 4
+    return reads + writes
 
 
 def median_ms(step, inputs, device, warmup, repeats):
@@ -100,49 +131,76 @@ def median_ms(step, inputs, device, warmup, repeats):
 def copy_bandwidth(device, dtype, warmup, repeats):
     """Bytes read + written per second by a plain device copy of 1 GiB (64 MiB on the CPU)."""
     numel = (2 ** 30 if device.type == "cuda" else 2 ** 26) // dtype.itemsize
-    src, dst = torch.empty(numel, dtype=dtype, device=device), torch.empty(numel, dtype=dtype, device=device)
+    src, dst = torch.randn(numel, device=device).to(dtype), torch.empty(numel, dtype=dtype, device=device)
     ms = median_ms(lambda _: dst.copy_(src), [None], device, warmup, repeats)
     return 2 * numel * dtype.itemsize / (ms * 1e-3)
 
 
-def selora_bytes(shape, batch, rank, itemsize):
-    """Least traffic of SeLoRA forward + backward: x, W, A, B read and y, u written; then grad y, x, W,
-    A, B, u read and grad x, grad A, grad B written."""
-    d_in, d_out, tokens, _ = shape
-    M = batch * tokens
-    return itemsize * (3 * M * d_in + 2 * M * d_out + 2 * d_out * d_in + 2 * M * rank + 3 * rank * (d_in + d_out))
+def targets(rows):
+    """The three targets of the fused op, as medians over the shapes measured so far."""
+    fused = [r for r in rows if "fused_fisher_ms" in r]
+    bound = [r["fisher_kernels_of_copy"] for r in fused if r["memory_bound"]]
+    median = lambda values: statistics.median(values) if values else None  # noqa: E731
+    speedup = median([r["speedup_fisher"] for r in fused])
+    overhead = median([100 * r["fisher_overhead"] for r in fused])
+    bandwidth = median([100 * f for f in bound])
+    return [
+        target("fused fwd+bwd+Fisher vs PyTorch reference (median over shapes)", speedup, "×", "≥ 1.5",
+               speedup is not None and speedup >= 1.5),
+        target("Fisher terms' cost on the fused op (median over shapes)", overhead, "%", "≤ +15",
+               overhead is not None and overhead <= 15),
+        target("Fisher kernels' bandwidth, of the device copy (median over memory-bound shapes)", bandwidth, "%",
+               "≥ 60", bandwidth is not None and bandwidth >= 60),
+    ]
+
+
+def emulated_ops():
+    """The op's CUDA sources compiled for the CPU (tests/emulated_op.py): the rehearsal of a GPU run."""
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    import emulated_op
+    return FusedSeLoRAOps(emulated_op.cached_build())
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cuda")
-    p.add_argument("--quick", action="store_true", help="tiny model, 64 px, batch 2, few repeats")
+    p.add_argument("--device", default=None, help="default: cuda, or cpu with --emulated")
+    p.add_argument("--smoke", action="store_true", help="tiny model, 64 px, batch 2, a few shapes, few repeats")
+    p.add_argument("--emulated", action="store_true", help="the op's CPU emulation instead of the built op")
     p.add_argument("--dtype", default="bf16", choices=DTYPES)
     p.add_argument("--rank", type=int, default=4)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--sizes", type=int, nargs="+", default=[224, 512], help="U-Net image sizes (px)")
     p.add_argument("--repeats", type=int, default=30)
-    p.add_argument("--json", help="write the results here")
+    p.add_argument("--json", help="write the results here (rewritten after each shape)")
     args = p.parse_args()
-    if args.quick:
-        args.batch, args.sizes, args.repeats = 2, [64], 5
+    args.device = args.device or ("cpu" if args.emulated else "cuda")
+    if args.smoke:
+        args.batch, args.sizes, args.repeats = 2, [64], 3
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
-    warmup, sets = (1, 2) if args.quick else (5, 3)
+    warmup, sets = (1, 1) if args.smoke else (5, 3)
 
-    ops = selora_ops(torch.empty(0, device=device))
+    ops = emulated_ops() if args.emulated else selora_ops(torch.empty(0, device=device))
     if device.type == "cuda" and ops is None:
         sys.exit("error: the fused op is unavailable on this GPU (see the warning above)")
-    shapes = layer_shapes("tiny" if args.quick else "sd15", args.sizes, args.batch)
+    shapes = layer_shapes("tiny" if args.smoke else "sd15", args.sizes, args.batch)
+    if args.smoke:  # the first shape of each token count
+        first = {}
+        for shape, layers in shapes.items():
+            first.setdefault(shape[2], (shape, layers))
+        shapes = dict(first.values())
     bandwidth = copy_bandwidth(device, dtype, warmup, args.repeats)
     env = environment(device)
+    op = "emulated on the CPU" if args.emulated else "fused CUDA" if ops is not None else "none"
     print(f"# SeLoRA layer fwd+bwd, {args.dtype}, rank {args.rank}, batch {args.batch}, U-Net at "
-          f"{'/'.join(map(str, args.sizes))} px + text encoder — {env}; copy bandwidth {bandwidth / 1e9:.0f} GB/s")
+          f"{'/'.join(map(str, args.sizes))} px + text encoder, op: {op} — {env}; copy bandwidth "
+          f"{bandwidth / 1e9:.0f} GB/s")
     print("| in→out | tokens | bias | layers per step | linear ms | ref ms | ref+F ms | fused ms | fused+F ms "
-          "| ref+F / fused+F | fused+F GB/s | of copy BW |\n|" + "---|" * 12)
+          "| ref+F / fused+F | Fisher cost | Fisher kernels ms | of copy BW |\n|" + "---|" * 13)
     rows = []
+    payload = {"environment": env, "args": vars(args), "op": op, "copy_bytes_per_s": bandwidth, "rows": rows}
     for shape, layers in shapes.items():
         inputs = input_sets(shape, args.batch, args.rank, dtype, device, sets)
-        time_of = lambda step: median_ms(step, inputs, device, warmup, args.repeats)
+        time_of = lambda step: median_ms(step, inputs, device, warmup, args.repeats)  # noqa: E731
         row = {"in": shape[0], "out": shape[1], "tokens": shape[2], "bias": shape[3], "layers": layers,
                "linear_ms": time_of(linear_step),
                "reference_ms": time_of(selora_step(selora_forward, selora_backward, False)),
@@ -151,23 +209,33 @@ def main():
             row["fused_ms"] = time_of(selora_step(ops.forward, ops.backward, False))
             row["fused_fisher_ms"] = time_of(selora_step(ops.forward, ops.backward, True))
             row["speedup_fisher"] = row["reference_fisher_ms"] / row["fused_fisher_ms"]
-            row["fused_fisher_bytes_per_s"] = selora_bytes(shape, args.batch, args.rank, dtype.itemsize) / (
-                row["fused_fisher_ms"] * 1e-3)
+            row["fisher_overhead"] = row["fused_fisher_ms"] / row["fused_ms"] - 1
+            row["fisher_kernels_ms"] = time_of(fisher_kernels_step(ops.extension, args.rank))
+            row["fisher_kernel_bytes"] = fisher_kernel_bytes(shape, args.batch, args.rank, dtype.itemsize)
+            row["fisher_kernels_of_copy"] = row["fisher_kernel_bytes"] / (row["fisher_kernels_ms"] * 1e-3) / bandwidth
+            row["memory_bound"] = row["fisher_kernel_bytes"] >= MEMORY_BOUND_BYTES
         rows.append(row)
-        fmt = lambda key, spec=".3f": format(row[key], spec) if key in row else "–"
-        bw = f"{row['fused_fisher_bytes_per_s'] / bandwidth:.0%}" if ops is not None else "–"
+        payload["targets"] = targets(rows)
+        write_json(args.json, payload)
+        fmt = lambda key, spec=".3f": format(row[key], spec) if key in row else "–"  # noqa: E731
+        fused = ops is not None
+        bw = f"{row['fisher_kernels_of_copy']:.0%}{'' if row['memory_bound'] else ' (small)'}" if fused else "–"
+        cost = f"{row['fisher_overhead']:+.0%}" if fused else "–"
         where = " ".join(f"{part}×{n}" for part, n in layers.items())
         print(f"| {shape[0]}→{shape[1]} | {shape[2]} | {'yes' if shape[3] else 'no'} | {where} | {fmt('linear_ms')} "
               f"| {fmt('reference_ms')} | {fmt('reference_fisher_ms')} | {fmt('fused_ms')} | {fmt('fused_fisher_ms')} "
-              f"| {fmt('speedup_fisher', '.2f')} | {fmt('fused_fisher_bytes_per_s', '.3g')} | {bw} |")
-        del inputs
+              f"| {fmt('speedup_fisher', '.2f')} | {cost} | {fmt('fisher_kernels_ms')} | {bw} |", flush=True)
+        inputs = None  # freed before the next shape allocates its own
     parts = [f"unet@{size}" for size in args.sizes] + ["text"]
-    totals = {part: {key: sum(r[key] * r["layers"].get(part, 0) for r in rows) for key in rows[0] if key.endswith("_ms")}
-              for part in parts}
-    for part, total in totals.items():
+    payload["totals_ms"] = {part: {key: sum(r[key] * r["layers"].get(part, 0) for r in rows)
+                                   for key in rows[0] if key.endswith("_ms")} for part in parts}
+    write_json(args.json, payload)
+    for part, total in payload["totals_ms"].items():
         print(f"{part}, all adapted layers of one step (ms): " + ", ".join(f"{k[:-3]} {v:.2f}" for k, v in total.items()))
-    write_json(args.json, {"env": env, "args": vars(args), "copy_bytes_per_s": bandwidth, "rows": rows,
-                           "totals_ms": totals})
+    for t in payload["targets"]:
+        figure = "–" if t["figure"] is None else f"{t['figure']:.3g}"
+        print(f"target: {t['name']}: {figure} {t['unit']} (target {t['target']}): "
+              f"{'met' if t['met'] else 'not measured' if t['met'] is None else 'NOT met'}")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from pathlib import Path
 
 KERNELS = Path(__file__).resolve().parent
 SOURCES = [KERNELS / "selora.cpp", KERNELS / "selora.cu"]
+HEADERS = [KERNELS / "selora.h"]
 NAME = "minisd_selora"
 CXX_FLAGS = ["-O3"]
 # Machine code for Hopper (H100/H200) and compute_80 PTX, which the driver compiles once for any other
@@ -51,7 +52,7 @@ def cache_dir():
     """$MINISD_CACHE (default ~/.cache/minisd)/kernels/<torch version>-<hash of sources and flags>."""
     import torch
     digest = hashlib.sha256()
-    for source in SOURCES:
+    for source in SOURCES + HEADERS:
         digest.update(source.read_bytes())
     digest.update(" ".join(CXX_FLAGS + NVCC_FLAGS).encode())
     root = Path(os.environ.get("MINISD_CACHE") or Path.home() / ".cache" / "minisd")

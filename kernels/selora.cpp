@@ -18,7 +18,10 @@
 //    G_new one GEMM gᵀ[u | p]; "sample" runs the per-sample kernel (selora.cu), which reads g with
 //    [u | p] and x with v once each and yields grad B, G_new, F_B, F_new and grad A, F_A together,
 //    deterministically.
+//  * autocast: the op's products run in its inputs' dtype whatever autocast region it is called in
+//    (autocast would turn some of them to half precision and the in-place ones would then refuse them).
 #include <torch/extension.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/cuda/CUDAGuard.h>
 
 #include <limits>
@@ -26,9 +29,7 @@
 #include <sstream>
 #include <vector>
 
-void per_sample_grad_fisher(const at::Tensor& P, const at::Tensor& Q, int64_t q_main, int64_t samples, double scale,
-                            bool q_major, at::Tensor& grad, at::Tensor& fisher, const c10::optional<at::Tensor>& grad_extra,
-                            const c10::optional<at::Tensor>& fisher_extra);
+#include "selora.h"
 
 namespace {
 
@@ -94,6 +95,7 @@ std::tuple<at::Tensor, at::Tensor> selora_forward(const at::Tensor& x_in, const 
                                                   const at::Tensor& lora_A_in, const at::Tensor& lora_B_in,
                                                   double scale, const c10::optional<at::Tensor>& candidate_in) {
   const char* op = "selora_forward";
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const auto [x, weight, lora_A, lora_B, M, in, out, r] = checked_operands(op, x_in, weight_in, lora_A_in, lora_B_in);
   const c10::cuda::CUDAGuard guard(x.device());
   c10::optional<at::Tensor> bias;
@@ -119,6 +121,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& lora_B_in, const at::Tensor& u_in, double scale, int64_t n_samples, const std::string& fisher,
     bool need_grad_x) {
   const char* op = "selora_backward";
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const auto [x, weight, lora_A, lora_B, M, in, out, r] = checked_operands(op, x_in, weight_in, lora_A_in, lora_B_in);
   const c10::cuda::CUDAGuard guard(x.device());
   TORCH_CHECK(fisher.empty() || fisher == "sample" || fisher == "batch", op, ": fisher must be \"\", \"sample\" or ",
@@ -165,6 +168,42 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   return {grad_x, grad_A, grad_B, fisher_A, fisher_B, fisher_new_per_out.sum(), grad_new};
 }
 
+// The Fisher kernels alone (for benchmarks): grad, fisher [n, q_main] and, when Q has one more column,
+// the candidate's grad_extra, fisher_extra [n].
+std::vector<at::Tensor> fisher_kernels(const at::Tensor& P, const at::Tensor& Q, int64_t q_main, int64_t n_samples,
+                                       double scale) {
+  TORCH_CHECK(P.is_cuda() && P.dim() == 2 && Q.dim() == 2 && P.size(0) == Q.size(0) && Q.scalar_type() == P.scalar_type()
+              && P.device() == Q.device() && P.size(0) % n_samples == 0, "fisher_kernels: P [M, n] and Q [M, q] of one "
+              "dtype on one CUDA device, with n_samples dividing M");
+  const c10::cuda::CUDAGuard guard(P.device());
+  const auto acc = P.options().dtype(P.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
+  const int64_t n = P.size(1);
+  at::Tensor grad = new_output({n, q_main}, P.options()), fisher = new_output({n, q_main}, acc);
+  c10::optional<at::Tensor> grad_extra, fisher_extra;
+  if (Q.size(1) > q_main) {
+    grad_extra = new_output({n}, acc);
+    fisher_extra = new_output({n}, acc);
+  }
+  per_sample_grad_fisher(P.contiguous(), Q.contiguous(), q_main, n_samples, scale, false, grad, fisher, grad_extra,
+                         fisher_extra);
+  std::vector<at::Tensor> outputs{grad, fisher};
+  if (grad_extra) outputs.insert(outputs.end(), {*grad_extra, *fisher_extra});
+  return outputs;
+}
+
+py::dict plan_dict(int64_t n, int64_t q, int64_t tokens, int64_t samples, at::ScalarType dtype, int64_t sms) {
+  const FisherPlan p = fisher_plan(n, q, tokens, samples, dtype, sms);
+  py::dict d;
+  d["tensor_cores"] = p.tensor_cores;
+  d["qpt"] = p.qpt;
+  d["tiles"] = p.tiles;
+  d["slices"] = p.slices;
+  d["runs"] = p.runs;
+  d["run_len"] = p.run_len;
+  d["vectorized"] = p.vectorized;
+  return d;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -174,6 +213,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("backward", &selora_backward, "(grad_x, grad_A, grad_B, fisher_A, fisher_B, fisher_new, grad_new)",
         py::arg("grad_y"), py::arg("x"), py::arg("weight"), py::arg("lora_A"), py::arg("lora_B"), py::arg("u"),
         py::arg("scale"), py::arg("n_samples"), py::arg("fisher"), py::arg("need_grad_x"));
+  m.def("fisher_kernels", &fisher_kernels, "Debug: the per-sample Fisher kernels alone: [grad, fisher(, grad_extra, "
+        "fisher_extra)]", py::arg("P"), py::arg("Q"), py::arg("q_main"), py::arg("n_samples"), py::arg("scale"));
+  m.def("fisher_plan", &plan_dict, "How the Fisher kernels split an [M = samples·tokens, n] × [M, q] problem on a GPU "
+        "with `multiprocessors` SMs: the launch branch taken", py::arg("n"), py::arg("q"), py::arg("tokens"),
+        py::arg("samples"), py::arg("dtype"), py::arg("multiprocessors"));
   m.def("set_poison", [](bool on) { poison_outputs = on; },
         "Debug: fill every output with NaN before it is computed, so elements left unwritten show.",
         py::arg("on"));

@@ -1,5 +1,7 @@
 """The fused SeLoRA op built for the CPU: kernels/selora.cpp and selora.cu compiled by the host compiler
 against tests/emulated_cuda.h, so that the kernels' tiling, indexing and reductions run without a GPU."""
+import hashlib
+import os
 import re
 from pathlib import Path
 
@@ -16,7 +18,7 @@ def emulated_source(text):
     tensors accepted where the op asks for CUDA ones."""
     lines, shimmed = [], False
     for line in text.splitlines():
-        if re.match(r"#include <(ATen|c10)/cuda/", line):
+        if re.match(r"#include <((ATen|c10)/cuda/|mma\.h)", line):
             if not shimmed:
                 lines.append('#include "emulated_cuda.h"')
                 shimmed = True
@@ -31,10 +33,27 @@ def build(directory):
     """The emulated extension module, compiled in `directory`."""
     directory = Path(directory)
     sources = []
-    for source in load_script("kernels/build.py").SOURCES:
+    kernels = load_script("kernels/build.py")
+    for source in kernels.SOURCES:
         target = directory / f"{source.stem}_{source.suffix[1:]}.cpp"
-        target.write_text(emulated_source(source.read_text()))
+        text = emulated_source(source.read_text())
+        if not target.exists() or target.read_text() != text:  # an unchanged file keeps its time: no rebuild
+            target.write_text(text)
         sources.append(str(target))
-    return load(name="minisd_selora_emulated", sources=sources, extra_include_paths=[str(HERE)],
-                extra_cflags=["-std=c++20", "-O2", "-pthread"], extra_ldflags=["-pthread"],
+    # -fno-strict-aliasing: the kernels read 16-byte rows through a vector type, as CUDA code does.
+    return load(name="minisd_selora_emulated", sources=sources, extra_include_paths=[str(HERE), str(kernels.KERNELS)],
+                extra_cflags=["-std=c++20", "-O2", "-pthread", "-fno-strict-aliasing"], extra_ldflags=["-pthread"],
                 build_directory=str(directory))
+
+
+def cached_build():
+    """The emulated extension, compiled once per version of its sources in $MINISD_CACHE (default
+    ~/.cache/minisd)/kernels/emulated-<hash> and reused from there (for the benchmarks' rehearsal)."""
+    kernels = load_script("kernels/build.py")
+    digest = hashlib.sha256()
+    for path in kernels.SOURCES + kernels.HEADERS + [HERE / "emulated_cuda.h", Path(__file__)]:
+        digest.update(path.read_bytes())
+    root = Path(os.environ.get("MINISD_CACHE") or Path.home() / ".cache" / "minisd")
+    directory = root / "kernels" / f"emulated-{digest.hexdigest()[:12]}"
+    directory.mkdir(parents=True, exist_ok=True)
+    return build(directory)

@@ -1,29 +1,26 @@
-"""The fused SeLoRA CUDA op: dispatch and fallback (CPU), the GPU-free build check (slow), and parity
-with the PyTorch reference: on every SD-1.5 shape class on a GPU, and on small shapes of each class with
-the kernels emulated on the CPU."""
+"""The fused SeLoRA CUDA op: dispatch and fallback, its first use under autocast, the GPU-free build check
+(slow), and a SeLoRA layer driven through the op's CPU emulation. Kernel parity: test_fused_kernels.py."""
 import copy
 import inspect
 import os
 import shutil
 import subprocess
 import sys
+import unittest.mock
 import warnings
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn as nn
 
-from minisd import fused
-from minisd.adapters import SeLoRALinear, selora
+import kernel_parity as kp
+from helpers import load_script, rel_err
+from minisd.adapters import SeLoRALinear, fused, selora
 from minisd.adapters.op import selora_backward, selora_forward
-import emulated_op
-from helpers import load_script
 
 REPO = Path(__file__).resolve().parent.parent
 BUILD_SCRIPT = REPO / "kernels" / "build.py"
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
 class FakeExtension:
@@ -208,188 +205,83 @@ def test_kernels_compile_without_a_gpu():
     done = subprocess.run([sys.executable, str(BUILD_SCRIPT), "--check"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-4000:]
 
+class CountingOps(fused.FusedSeLoRAOps):
+    """The emulated op, counting its calls."""
 
-# ------------------------------------------------------------------------------------------ parity
+    def __init__(self, extension):
+        super().__init__(extension)
+        self.calls = 0
 
-# (samples, tokens per sample, in, out, bias): every token count SD-1.5 produces at 512 and 224 px
-# (text 77, latents 64², 32², 28², 16², 8², 7², time embeddings 1) over its layer widths, and each
-# way the op may compute y and grad x (low-rank part folded into W when rows > in, resp. > out).
-SHAPES = [
-    (4, 77, 768, 320, False),     # neither folded
-    (2, 4096, 320, 2560, True),   # both folded
-    (2, 1024, 640, 640, False),
-    (2, 784, 1280, 320, True),
-    (4, 256, 640, 5120, True),    # forward folded only
-    (8, 64, 5120, 320, True),     # backward folded only
-    (3, 49, 1280, 1280, False),
-    (8, 1, 320, 1280, True),
-]
-# The same classes at sizes the CPU emulation runs in seconds, with widths that are not multiples of the
-# kernel's 64-column tile and (last) of one warp, and a multiprocessor count for each that makes the
-# Fisher kernel split samples' tokens into several runs or keep one run per sample.
-EMULATED_SHAPES = [
-    ((4, 77, 160, 96, False), 132),
-    ((2, 300, 72, 200, True), 8),
-    ((2, 150, 160, 40, True), 132),
-    ((3, 40, 96, 130, False), 1),
-    ((8, 1, 64, 136, True), 132),
-    ((2, 33, 20, 24, True), 2),
-]
-TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
-FISHER_TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 2e-2}
-DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-NAMES = ("y", "u", "grad_x", "grad_A", "grad_B", "fisher_A", "fisher_B", "fisher_new", "grad_new")
+    def forward(self, *args):
+        self.calls += 1
+        return super().forward(*args)
 
 
-def shape_id(shape):
-    return "N{}xT{}_{}to{}{}".format(*shape[:4], "_bias" * shape[4])
-
-
-def rel_err(a, b):
-    """Largest error relative to the largest true value."""
-    a, b = a.double(), b.double()
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
-
-
-@pytest.fixture(scope="module")
-def cuda_ops():
+@pytest.fixture
+def emulated_dispatch(emulated_extension, monkeypatch):
+    """A process whose "CUDA" tensors are the CPU's and whose op builds as the CPU emulation, self-check included."""
     fused._fused_ops.cache_clear()
+    monkeypatch.delenv("MINISD_DISABLE_CUDA_OP", raising=False)
+    monkeypatch.setattr(fused, "_is_cuda", lambda x: True)
+    monkeypatch.setattr(fused, "_build", lambda: emulated_extension)
+    monkeypatch.setattr(fused, "FusedSeLoRAOps", CountingOps)
+    monkeypatch.setattr(fused, "_self_check", lambda ops, real=fused._self_check: real(ops, torch.device("cpu")))
+    yield
+    fused._fused_ops.cache_clear()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_first_use_under_autocast_runs_the_fused_op(emulated_dispatch, dtype):
+    """A trainer's autocast region around a layer's first call must neither fail the op's build and check nor
+    change what the op computes."""
+    torch.manual_seed(3)
+    layer = SeLoRALinear(nn.Linear(48, 40), alpha=2.0)
+    nn.init.normal_(layer.lora_B, std=0.5)
+    reference = copy.deepcopy(layer)
+    layer.track_fisher = reference.track_fisher = True
+    x = torch.randn(2, 5, 48)
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # a failed build must fail these tests, not compare the reference to itself
-        ops = fused.selora_ops(torch.zeros(1, device="cuda"))
-    assert ops is not None
-    ops.extension.set_poison(True)  # every output starts as NaN, so an element a kernel skips shows
-    tf32 = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False  # fp32 GEMMs in full precision, as the tolerances assume
-    yield ops
-    torch.backends.cuda.matmul.allow_tf32 = tf32
-    ops.extension.set_poison(False)
+        warnings.simplefilter("error")  # a fallback warns
+        with torch.autocast("cpu", dtype=dtype):
+            y = layer(x)
+    ops = fused.selora_ops(x)
+    assert isinstance(ops, CountingOps) and ops.calls == 2  # the self-check's forward, then the layer's
+    with torch.autocast("cpu", dtype=dtype):
+        with unittest.mock.patch.object(fused, "selora_ops", lambda x: None):
+            y_ref = reference(x)
+    assert y.dtype == y_ref.dtype == dtype and rel_err(y, y_ref) < 1e-2
+    y.float().square().sum().backward()
+    y_ref.float().square().sum().backward()
+    for name in ("fisher_A", "fisher_B", "fisher_new"):
+        assert rel_err(getattr(layer, name), getattr(reference, name)) < 2e-2, name
+    assert rel_err(layer.lora_A.grad, reference.lora_A.grad) < 2e-2
 
 
-@pytest.fixture(scope="module")
-def emulated_ops(tmp_path_factory):
-    """The op's own sources, kernels included, built for the CPU (tests/emulated_cuda.h)."""
-    if shutil.which(os.environ.get("CXX", "c++")) is None:
-        pytest.skip("needs a C++ compiler")
-    extension = emulated_op.build(tmp_path_factory.mktemp("emulated_op"))
-    extension.set_poison(True)
-    return fused.FusedSeLoRAOps(extension)
-
-
-def random_case(samples, tokens, d_in, d_out, bias, rank, dtype, device="cuda", seed=0):
-    g = torch.Generator(device=device).manual_seed(seed)
-    rand = lambda *shape, std=1.0: (std * torch.randn(*shape, generator=g, device=device)).to(dtype)
-    M = samples * tokens
-    return dict(x=rand(M, d_in), weight=rand(d_out, d_in, std=d_in ** -0.5),
-                bias=rand(d_out, std=0.1) if bias else None, lora_A=rand(rank, d_in, std=d_in ** -0.5),
-                lora_B=rand(d_out, rank, std=rank ** -0.5), grad_y=rand(M, d_out),
-                candidate=rand(d_in, std=d_in ** -0.5), scale=0.5, n_samples=samples)
-
-
-def run(forward, backward, case, fisher, need_grad_x):
-    """Forward and backward with Fisher mode `fisher` (None, "sample" or "batch")."""
-    c = case
-    y, u = forward(c["x"], c["weight"], c["bias"], c["lora_A"], c["lora_B"], c["scale"],
-                   c["candidate"] if fisher else None)
-    grads = backward(c["grad_y"], c["x"], c["weight"], c["lora_A"], c["lora_B"], u, c["scale"], c["n_samples"],
-                     fisher, need_grad_x)
-    return (y, u) + tuple(grads)
-
-
-def assert_matches_reference(ops, case, dtype):
-    """Every output of `ops`, in each Fisher mode, against the reference computed in fp64."""
-    exact = {k: v.double() if torch.is_tensor(v) else v for k, v in case.items()}
-    for mode, need_grad_x in (("sample", True), (None, False), ("batch", True)):
-        got = run(ops.forward, ops.backward, case, mode, need_grad_x)
-        want = run(selora_forward, selora_backward, exact, mode, need_grad_x)
-        for name, a, b in zip(NAMES, got, want):
-            if b is None:
-                assert a is None, f"{name} must be None"
-                continue
-            fisher = name.startswith("fisher") or name == "grad_new"
-            assert a.dtype == (torch.float32 if fisher else dtype), name
-            assert a.shape == b.shape, name
-            tol = FISHER_TOLERANCE[dtype] if fisher else TOLERANCE[dtype]
-            assert rel_err(a, b) <= tol, f"{name}: relative error {rel_err(a, b):.2e} > {tol:.0e}"
-
-
-@needs_cuda
-@pytest.mark.parametrize("rank", [1, 4, 17, 64])
-@DTYPES
-@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
-def test_fused_matches_reference(cuda_ops, shape, dtype, rank):
-    assert_matches_reference(cuda_ops, random_case(*shape, rank, dtype), dtype)
-
-
-@pytest.mark.parametrize("rank", [1, 4, 17, 64, 80])
-@DTYPES
-@pytest.mark.parametrize("shape, multiprocessors", EMULATED_SHAPES, ids=lambda s: shape_id(s) if isinstance(s, tuple) else f"{s}sm")
-def test_emulated_kernels_match_reference(emulated_ops, monkeypatch, shape, multiprocessors, dtype, rank):
-    """The CUDA sources run on the CPU: tiling, indexing and the two-stage Fisher reduction as the GPU runs them."""
-    monkeypatch.setenv("MINISD_EMULATED_SMS", str(multiprocessors))
-    assert_matches_reference(emulated_ops, random_case(*shape, rank, dtype, device="cpu"), dtype)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("rank", [1, 64])
-@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
-def test_emulated_kernels_match_reference_at_full_size(emulated_ops, shape, rank):
-    assert_matches_reference(emulated_ops, random_case(*shape, rank, torch.float32, device="cpu"), torch.float32)
-
-
-@needs_cuda
-def test_fused_backward_is_deterministic(cuda_ops):
-    case = random_case(8, 1024, 320, 640, True, 4, torch.bfloat16)
-    first = run(cuda_ops.forward, cuda_ops.backward, case, "sample", True)
-    second = run(cuda_ops.forward, cuda_ops.backward, case, "sample", True)
-    for name, a, b in zip(NAMES, first, second):
-        assert torch.equal(a, b), name
-
-
-def check_non_contiguous_inputs(ops, device):
-    case = random_case(2, 77, 768, 320, True, 4, torch.float32, device)
-    strided = dict(case, x=case["x"].t().contiguous().t(), weight=case["weight"].t().contiguous().t(),
-                   grad_y=case["grad_y"].t().contiguous().t())
-    assert not strided["x"].is_contiguous()
-    for name, a, b in zip(NAMES, run(ops.forward, ops.backward, strided, "sample", True),
-                          run(ops.forward, ops.backward, case, "sample", True)):
-        assert torch.equal(a, b), name
-
-
-def check_bad_shapes_are_named(ops, device):
-    c = random_case(2, 8, 64, 32, True, 4, torch.float32, device)
-    with pytest.raises(RuntimeError, match=r"lora_B must have shape \[32, 4\], got \[32, 5\]"):
-        ops.forward(c["x"], c["weight"], c["bias"], c["lora_A"], c["lora_B"].new_zeros(32, 5), 1.0)
-    y, u = ops.forward(c["x"], c["weight"], c["bias"], c["lora_A"], c["lora_B"], 1.0)
-    with pytest.raises(RuntimeError, match="n_samples = 3 does not divide the 16 rows of x"):
-        ops.backward(c["grad_y"], c["x"], c["weight"], c["lora_A"], c["lora_B"], u, 1.0, 3, None, True)
-
-
-@needs_cuda
-@pytest.mark.parametrize("check", [check_non_contiguous_inputs, check_bad_shapes_are_named])
-def test_fused_input_handling(cuda_ops, check):
-    check(cuda_ops, "cuda")
-
-
-@pytest.mark.parametrize("check", [check_non_contiguous_inputs, check_bad_shapes_are_named])
-def test_emulated_input_handling(emulated_ops, check):
-    check(emulated_ops, "cpu")
+def test_op_ignores_autocast(emulated_extension):
+    """Called inside an autocast region, the op's products keep its inputs' dtype (fp32 here), bit for bit."""
+    ops = fused.FusedSeLoRAOps(emulated_extension)
+    case = kp.random_case(2, 7, 24, 16, True, 3, torch.float32, device="cpu")
+    plain = kp.run(ops.forward, ops.backward, case, "sample", True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = kp.run(ops.forward, ops.backward, case, "sample", True)
+    for name, a, b in zip(kp.NAMES, under_autocast, plain):
+        assert a.dtype == b.dtype and torch.equal(a, b), name
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_emulated_op_drives_a_selora_layer_like_the_reference(emulated_ops, monkeypatch, dtype):
+def test_emulated_op_drives_a_selora_layer_like_the_reference(emulated_extension, monkeypatch, dtype):
     """A layer's whole path through the op as on a GPU: [N, T, in] inputs, autocast, Fisher terms
     accumulated over two backwards, then growth and another step at the new rank."""
     torch.manual_seed(8)
     reference = SeLoRALinear(nn.Linear(96, 136), alpha=2.0)
     nn.init.normal_(reference.lora_B, std=0.5)
     layers = {"reference": reference, "emulated": copy.deepcopy(reference)}
-    offered = {"reference": None, "emulated": emulated_ops}
+    offered = {"reference": None, "emulated": fused.FusedSeLoRAOps(emulated_extension)}
     x, target = torch.randn(4, 77, 96), torch.randn(4, 77, 136)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     for _ in range(2):
         for name, layer in layers.items():
-            monkeypatch.setattr(selora, "_fused", [SimpleNamespace(selora_ops=lambda x, ops=offered[name]: ops)])
+            monkeypatch.setattr(selora.fused, "selora_ops", lambda x, ops=offered[name]: ops)
             layer.track_fisher = True
             for half in (x[:2], x[2:]):
                 with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):

@@ -2,7 +2,6 @@
 import copy
 import io
 import os
-import types
 
 import pytest
 import torch
@@ -176,7 +175,7 @@ def test_half_base_keeps_fp32_adapter_parameters():
     assert layer.lora_B.grad.dtype == torch.float32 and layer.fisher_new > 0
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_layer_matches_the_cpu_reference(dtype):
     torch.manual_seed(8)
@@ -206,8 +205,7 @@ def test_fused_op_is_used_when_offered(monkeypatch):
             calls.append(("backward", args[7], args[8], args[9]))
             return selora_backward(*args)
 
-    fused = types.SimpleNamespace(selora_ops=lambda x: Ops() if x.dtype == torch.float64 else None)
-    monkeypatch.setattr(selora, "_fused", [fused])
+    monkeypatch.setattr(selora.fused, "selora_ops", lambda x: Ops() if x.dtype == torch.float64 else None)
     layer = make_layer(5, 4, 2)
     layer.track_fisher = True
     layer(torch.randn(3, 2, 5, dtype=torch.float64)).sum().backward()

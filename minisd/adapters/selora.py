@@ -9,31 +9,22 @@ Two estimators of F: "sample", the per-sample sums above (the paper's Eq. 3), an
 the step's batch gradients g_A, g_B and g_new (the authors' released code), taken from the same backward
 once the step's gradients are complete.
 """
-import importlib
 import math
 from types import SimpleNamespace
 
 import torch
 
 from ..errors import MinisdError
-from . import op
+from . import fused, op
 from .lora import AdapterLayer, compute_dtype
 
 ESTIMATORS = ("sample", "batch")
 REFERENCE_OPS = SimpleNamespace(forward=op.selora_forward, backward=op.selora_backward)
-_fused = []  # minisd.fused once looked up, or None when it does not exist
 
 
 def _ops(x):
-    """The op implementation for x: the fused CUDA op when minisd.fused offers one, else the reference."""
-    if not _fused:
-        try:
-            _fused.append(importlib.import_module("minisd.fused"))
-        except ModuleNotFoundError as e:
-            if e.name != "minisd.fused":
-                raise
-            _fused.append(None)
-    ops = _fused[0].selora_ops(x) if _fused[0] is not None else None
+    """The op implementation for x: the fused CUDA op where it runs, else the reference."""
+    ops = fused.selora_ops(x)
     return ops if ops is not None else REFERENCE_OPS
 
 

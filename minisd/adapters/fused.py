@@ -1,11 +1,13 @@
-"""Dispatch to the fused SeLoRA CUDA op (kernels/), or None to use the PyTorch reference (adapters/op.py).
+"""Dispatch to the fused SeLoRA CUDA op (kernels/), or None to use the PyTorch reference (op.py).
 
 `selora_ops(x)` gives an object with `forward` and `backward` of the reference's signatures when x is
 a CUDA tensor, the op builds (JIT at first use, cached on disk; an ahead-of-time `minisd._selora_cuda`
 is preferred) and MINISD_DISABLE_CUDA_OP is not "1". A build that fails, or a built op that disagrees
 with the reference on a small random problem at first use, warns once and the reference is used for
-the rest of the process: a wrong kernel never trains silently.
+the rest of the process: a wrong kernel never trains silently. The first use may come inside a
+trainer's autocast region: the build and the check run with autocast off, as the op itself does.
 """
+import contextlib
 import functools
 import importlib.util
 import os
@@ -14,7 +16,9 @@ from pathlib import Path
 
 import torch
 
-BUILD_SCRIPT = Path(__file__).resolve().parent.parent / "kernels" / "build.py"
+from .op import selora_backward, selora_forward
+
+BUILD_SCRIPT = Path(__file__).resolve().parents[2] / "kernels" / "build.py"
 
 
 class FusedSeLoRAOps:
@@ -42,11 +46,20 @@ def _is_cuda(x):
     return x.is_cuda
 
 
+def _no_autocast():
+    """Autocast off on every device type the op or its check runs on."""
+    stack = contextlib.ExitStack()
+    for device_type in ("cuda", "cpu"):
+        stack.enter_context(torch.autocast(device_type, enabled=False))
+    return stack
+
+
 @functools.cache
 def _fused_ops():
     try:
-        ops = FusedSeLoRAOps(_build())
-        _self_check(ops)
+        with _no_autocast():
+            ops = FusedSeLoRAOps(_build())
+            _self_check(ops)
         return ops
     except Exception as e:  # no toolkit, compile error, unsupported GPU, wrong results: the reference works
         warnings.warn(f"fused SeLoRA CUDA op unavailable, using the PyTorch reference: {type(e).__name__}: {e}",
@@ -57,7 +70,6 @@ def _fused_ops():
 def _self_check(ops, device=None, tolerance=1e-4):
     """Forward, backward and Fisher terms of `ops` (on `device`, default the current GPU) against the
     reference on a small fp32 problem."""
-    from .adapters.op import selora_backward, selora_forward
     device = device or torch.device("cuda", torch.cuda.current_device())
     g = torch.Generator().manual_seed(0)
     n, t, d_in, d_out, r = 2, 5, 48, 40, 3
