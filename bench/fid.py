@@ -7,7 +7,9 @@ Without --inception-weights both networks load one file of random weights in the
 pt_inception-2015-12-05-6726825d.pth.
 
     python bench/fid.py --json fid.json                        # GPU: 2,000 images of 512 px
-    python bench/fid.py --device cpu --images 40 --size 64     # smoke run
+    python bench/fid.py --smoke                                # CPU: 40 images of 64 px (numbers mean nothing)
+
+Targets: minisd's four-dims pass ≥ 2× pytorch-fid's images/s; FID-2048 equal to pytorch-fid's (relative 1e-3).
 """
 import argparse
 import os
@@ -26,7 +28,7 @@ from minisd import metrics  # noqa: E402
 from minisd.errors import MinisdError  # noqa: E402
 from minisd.cli import main_guard, pick_device  # noqa: E402
 from minisd.inception import DIMS, FIDInception, exact_fp32, load_inception  # noqa: E402
-from common import environment, median_time, write_json  # noqa: E402
+from common import environment, median_time, target, write_json  # noqa: E402
 
 
 def random_weights(path):
@@ -94,7 +96,8 @@ def halves_fid(features, pytorch_fid_distance=False):
 @main_guard
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cuda")
+    p.add_argument("--device", default=None, help="default: cuda (cpu with --smoke)")
+    p.add_argument("--smoke", action="store_true", help="40 random images of 64 px, one repeat")
     p.add_argument("--images", type=int, default=2000)
     p.add_argument("--size", type=int, default=512, help="image side in pixels (both networks resize to 299)")
     p.add_argument("--batch-size", type=int, default=50, help="both implementations (pytorch-fid's default)")
@@ -103,6 +106,9 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
+    if args.smoke:
+        args.images, args.size, args.repeats = 40, 64, 1
+    args.device = args.device or ("cpu" if args.smoke else "cuda")
     if args.images < 4 or min(args.size, args.batch_size, args.large_batch, args.repeats) < 1:
         raise MinisdError("--images must be at least 4 (FID compares two halves); --size, --batch-size, "
                           "--large-batch and --repeats at least 1")
@@ -177,7 +183,12 @@ def main(argv=None):
     print(f"FID-2048 first vs second half: minisd {fid_ours:.6g}, pytorch-fid {fid_reference:.6g}, "
           f"relative difference {checks['fid_2048_rel_diff']:.2e}"
           + (f" ({args.images // 2} images per half, fewer than 2048 dims)" if args.images // 2 < 2048 else ""))
-    write_json(args.json, {"env": env, "args": vars(args), "rows": rows, "checks": checks})
+    speedup = max(r["vs_pytorch_fid"] for r in rows if r["implementation"].startswith("minisd"))
+    targets = [target("FID features: minisd (4 dims in one pass) vs pytorch-fid (2048), images/s", speedup, "×",
+                      "≥ 2", speedup >= 2),
+               target("FID-2048: minisd vs pytorch-fid, relative difference", checks["fid_2048_rel_diff"], "",
+                      "≤ 1e-3", checks["fid_2048_rel_diff"] <= 1e-3)]
+    write_json(args.json, {"environment": env, "args": vars(args), "rows": rows, "checks": checks, "targets": targets})
 
 
 if __name__ == "__main__":

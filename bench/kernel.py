@@ -108,6 +108,27 @@ def fisher_kernel_bytes(shape, batch, rank, itemsize):
     return reads + writes
 
 
+def fisher_kernel_flops(shape, batch, rank):
+    """Multiply-adds (×2) of the two Fisher-kernel calls: every element of g times its row of [u | p], of x times v."""
+    d_in, d_out, tokens, _ = shape
+    return 2 * batch * tokens * (d_out * (rank + 1) + d_in * rank)
+
+
+def print_floor(shapes, batch, rank, itemsize, copy_bytes_per_s=4.3e12, simt_flops=67e12, mma_flops=790e12):
+    """The Fisher kernels' floor per shape, before any measurement: least bytes over the copy bandwidth against
+    FLOPs over the CUDA cores' fp32 rate (q ≤ 8) or the tensor cores' rate (fp16/bf16, q > 8); H200 figures."""
+    tensor_cores = itemsize == 2 and rank + 1 > 8
+    print(f"# Fisher kernels' floor, rank {rank}, batch {batch}, {itemsize}-byte inputs: bytes at "
+          f"{copy_bytes_per_s / 1e12:.1f} TB/s vs FLOPs at {(mma_flops if tensor_cores else simt_flops) / 1e12:.0f} "
+          f"TFLOP/s ({'tensor' if tensor_cores else 'CUDA'} cores)")
+    print("| in→out | tokens | MiB | GFLOP | FLOP/byte | bytes µs | FLOPs µs | bound |\n|" + "---|" * 8)
+    for shape in shapes:
+        nbytes, flops = fisher_kernel_bytes(shape, batch, rank, itemsize), fisher_kernel_flops(shape, batch, rank)
+        t_bytes, t_flops = nbytes / copy_bytes_per_s * 1e6, flops / (mma_flops if tensor_cores else simt_flops) * 1e6
+        print(f"| {shape[0]}→{shape[1]} | {shape[2]} | {nbytes / 2 ** 20:.1f} | {flops / 1e9:.2f} | "
+              f"{flops / nbytes:.1f} | {t_bytes:.1f} | {t_flops:.1f} | {'memory' if t_bytes >= t_flops else 'compute'} |")
+
+
 def median_ms(step, inputs, device, warmup, repeats):
     """Median time of one step, rotating through the input sets (CUDA events on the GPU)."""
     for i in range(warmup):
@@ -172,12 +193,18 @@ def main():
     p.add_argument("--sizes", type=int, nargs="+", default=[224, 512], help="U-Net image sizes (px)")
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--json", help="write the results here (rewritten after each shape)")
+    p.add_argument("--floor", action="store_true", help="print the Fisher kernels' bytes/FLOPs floor per shape and exit")
     args = p.parse_args()
     args.device = args.device or ("cpu" if args.emulated else "cuda")
     if args.smoke:
         args.batch, args.sizes, args.repeats = 2, [64], 3
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     warmup, sets = (1, 1) if args.smoke else (5, 3)
+
+    if args.floor:
+        shapes = {(d_in, d_out, tokens, False) for d_in, d_out, tokens, _ in layer_shapes(
+            "tiny" if args.smoke else "sd15", args.sizes, args.batch)}
+        return print_floor(sorted(shapes, key=lambda s: (s[2], s[0], s[1])), args.batch, args.rank, dtype.itemsize)
 
     ops = emulated_ops() if args.emulated else selora_ops(torch.empty(0, device=device))
     if device.type == "cuda" and ops is None:
