@@ -126,7 +126,7 @@ def test_loads_torch_adam_state_with_its_one_step_count():
     assert optimizer.state[ours[0]]["step"].shape == ours[0].shape
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
 def test_step_runs_in_a_cuda_graph():
     """Captured once, replayed: the same parameters as eager steps (and as torch's Adam on CUDA, to
     float tolerance: its foreach path orders the update's products differently)."""
