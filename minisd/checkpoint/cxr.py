@@ -30,7 +30,8 @@ BETA_SCHEDULES = ("linear", "scaled_linear")
 
 
 def part_config(folder, part):
-    path = os.path.join(folder, part, "config.json")
+    """The config.json of `part` in its folder (MODEL/vae, MODEL/unet)."""
+    path = os.path.join(folder, "config.json")
     c = read_json(path, f"a cxr-ldm folder has {part}/config.json")
     if c.get("_class_name") != PART_CLASSES[part]:
         raise MinisdError(f"{path}: _class_name {c.get('_class_name')!r}, expected {PART_CLASSES[part]!r}")
@@ -51,7 +52,8 @@ def unet_config(folder):
     path, c = part_config(folder, "unet")
     config = CXRUNetConfig(model_channels=setting(c, path, "model_channels", POSITIVE),
                            channel_mult=tuple(setting(c, path, "channel_mult", POSITIVES)),
-                           num_heads=setting(c, path, "num_heads", POSITIVE), context_dim=setting(c, path, "context_dim", POSITIVE))
+                           num_heads=setting(c, path, "num_heads", POSITIVE), context_dim=setting(c, path, "context_dim", POSITIVE),
+                           sample_size=setting(c, path, "sample_size", POSITIVE, CXRUNetConfig.sample_size))
     widths = [config.model_channels * m for m in config.channel_mult]
     if any(w % config.num_heads for w in widths) or config.context_dim % config.num_heads:
         raise MinisdError(f"{path}: widths {widths} and context_dim {config.context_dim} do not split into {config.num_heads} heads")
@@ -79,7 +81,7 @@ def read_cxr_folder(folder):
     if not (isinstance(length, int) and 2 < length <= bert.config.max_position_embeddings):
         raise MinisdError(f"{tokenizer_config}: model_max_length {length!r}, expected the prompt length in tokens "
                           f"(3 … {bert.config.max_position_embeddings}, the position embeddings)")
-    config = CXRConfig(unet=unet_config(folder), vae=vae_config(folder), text=bert.config,
+    config = CXRConfig(unet=unet_config(os.path.join(folder, "unet")), vae=vae_config(os.path.join(folder, "vae")), text=bert.config,
                        schedule=schedule_config(folder), max_length=length)
     files = {part: os.path.join(folder, part, WEIGHTS) for part in PART_CLASSES}
     parts = {part: read_tensors(path) for part, path in files.items()}
@@ -87,16 +89,25 @@ def read_cxr_folder(folder):
     return config, bert.tokenizer(length, os.path.join(text_folder, "vocab.txt")), parts, lambda part, name: (files[part], name)
 
 
+def read_vae(folder):
+    """(CXRVAEConfig, {name: tensor}, locate) of a VAE folder (MODEL/vae: config.json, model.safetensors)."""
+    config, path = vae_config(folder), os.path.join(folder, WEIGHTS)
+    return config, read_tensors(path), lambda part, name: (path, name)
+
+
+def save_part(model, part, folder, dtype=None):
+    """One part of the model (vae or unet) as its folder: config.json and model.safetensors."""
+    os.makedirs(folder, exist_ok=True)
+    atomic_save({k: (v.to(dtype) if dtype else v).cpu() for k, v in getattr(model, part).state_dict().items()},
+                os.path.join(folder, WEIGHTS))
+    atomic_json({"_class_name": PART_CLASSES[part], **asdict(getattr(model.config, part))}, os.path.join(folder, "config.json"))
+
+
 def save_cxr_folder(model, folder, dtype=None):
     """Write the whole model as a cxr-ldm folder."""
     folder = os.fspath(folder)
     for part in PART_CLASSES:
-        os.makedirs(os.path.join(folder, part), exist_ok=True)
-        module = getattr(model, part)
-        atomic_save({k: (v.to(dtype) if dtype else v).cpu() for k, v in module.state_dict().items()},
-                    os.path.join(folder, part, WEIGHTS))
-        atomic_json({"_class_name": PART_CLASSES[part], **asdict(getattr(model.config, part))},
-                    os.path.join(folder, part, "config.json"))
+        save_part(model, part, os.path.join(folder, part), dtype)
     save_bert_folder(model.text_encoder, model.tokenizer, os.path.join(folder, "text_encoder"), dtype)
     write_scheduler(model.schedule, folder)
     atomic_json({"_class_name": CXR_CLASS, "vae": ["minisd", PART_CLASSES["vae"]], "unet": ["minisd", PART_CLASSES["unet"]],

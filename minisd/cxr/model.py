@@ -7,9 +7,9 @@ from dataclasses import replace
 import torch
 
 from ..checkpoint.bert import read_bert_folder
-from ..checkpoint.cxr import read_cxr_folder
+from ..checkpoint.cxr import read_cxr_folder, read_vae, unet_config
 from ..checkpoint.files import first_line
-from ..checkpoint.reading import check_part
+from ..checkpoint.reading import check_part, is_cxr_folder
 from ..errors import MinisdError
 from ..latent_diffusion import LatentDiffusion
 from ..wordpiece import WordPieceTokenizer, builtin_vocab
@@ -32,7 +32,9 @@ class CXRLatentDiffusion(LatentDiffusion):
         self.tokenizer = tokenizer or WordPieceTokenizer(builtin_vocab(), config.max_length)
 
     def set_gradient_checkpointing(self, enabled):
+        """Recompute the U-Net's blocks, BERT's layers and the VAE's levels in backward instead of storing activations."""
         self.unet.gradient_checkpointing = self.text_encoder.encoder.gradient_checkpointing = enabled
+        self.vae.set_gradient_checkpointing(enabled)
 
 
 def build(config, seed=0, device="cpu", dtype=torch.float32, tokenizer=None, source=""):
@@ -43,14 +45,15 @@ def build(config, seed=0, device="cpu", dtype=torch.float32, tokenizer=None, sou
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 
-def load(source, device="cpu", dtype=torch.float32, text_encoder=None):
+def load(source, device="cpu", dtype=torch.float32, text_encoder=None, seed=0):
     """`cxr-ldm` / `cxr-tiny` with random weights (a random BERT with the built-in character vocabulary), or a
     cxr-ldm folder. text_encoder: a BERT folder or hub id (BioBERT) whose weights and vocabulary replace the
-    text encoder's — how training from scratch starts: load("cxr-ldm", text_encoder=BIOBERT)."""
+    text encoder's — how training from scratch starts: load("cxr-ldm", text_encoder=BIOBERT). `seed`: of the
+    random weights."""
     bert = None if text_encoder is None else read_bert_folder(text_encoder)
     if source in CONFIGS:
         config = CONFIGS[source] if bert is None else replace(CONFIGS[source], text=bert.config)
-        model = build(config, device=device, dtype=dtype, source=source)
+        model = build(config, seed=seed, device=device, dtype=dtype, source=source)
     else:
         model = load_folder(source, device, dtype)
     if bert is not None:
@@ -91,3 +94,35 @@ def use_text_encoder(model, bert, dtype):
     model.text_encoder = encoder.to(device=model.device, dtype=dtype).eval().requires_grad_(False)
     model.tokenizer = bert.tokenizer(model.config.max_length, os.path.join(os.path.dirname(bert.weights), "vocab.txt"))
     model.config = replace(model.config, text=bert.config)
+
+
+def use_vae(model, folder):
+    """Put a VAE folder's trained VAE (its weights and scaling factor) into `model`, whose VAE architecture it
+    must have: the U-Net's latents are its latents."""
+    config, tensors, locate = read_vae(folder)
+    check_vae(config, model.config.vae, folder)
+    with torch.device("meta"):
+        vae = CXRVAE(config)
+    vae.load_state_dict(check_part("vae", vae, tensors, model.dtype, locate), assign=True)
+    model.vae = vae.to(model.device).eval().requires_grad_(False)
+    model.config = replace(model.config, vae=config)
+
+
+def check_vae(config, expected, folder):
+    """An error naming the VAE folder's config.json unless its architecture is `expected` (the scaling factor,
+    measured by training, may differ)."""
+    if replace(config, scaling_factor=1.0) != replace(expected, scaling_factor=1.0):
+        theirs, ours = (f"channels {list(c.channels)}, attention levels {list(c.attention_levels)}, {c.z_channels} latent "
+                        f"channels" for c in (config, expected))
+        raise MinisdError(f"{os.path.join(folder, 'config.json')}: a VAE of {theirs}, not this model's ({ours})")
+
+
+def native_resolution(source):
+    """The image size a chest-X-ray LDM is trained and sampled at (its U-Net's sample_size × 8), read from its
+    config without its weights; None for any other model."""
+    source = os.fspath(source)
+    if source in CONFIGS:
+        return CONFIGS[source].resolution
+    if os.path.isdir(source) and is_cxr_folder(source):
+        return unet_config(os.path.join(source, "unet")).sample_size * 8
+    return None

@@ -6,8 +6,10 @@ GroupNorm + SiLU + conv 256→16 (mean ‖ log-variance). The decoder is the enc
 upsampling). A residual block is GroupNorm, SiLU and one 3×3 conv beside a (1×1-projected) shortcut: with the
 two convs of SD's blocks these widths would need 5.3 M parameters or more.
 """
+import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from ..vae import AttnBlock, norm
 
@@ -31,6 +33,20 @@ class Level(nn.Module):
         self.block = ResBlock(cin, cout)
         self.attn = AttnBlock(attention_width) if attention_width else None
 
+    def encode(self, x):
+        x = self.block(x)
+        return self.attn(x) if self.attn else x
+
+    def decode(self, x):
+        return self.block(self.attn(x) if self.attn else x)
+
+
+def run(network, step, x):
+    """step(x); recomputed in backward instead of stored when the network trains with gradient checkpointing."""
+    if network.gradient_checkpointing and torch.is_grad_enabled():
+        return checkpoint(step, x, use_reentrant=False)
+    return step(x)
+
 
 class Encoder(nn.Module):
     def __init__(self, cfg):
@@ -40,12 +56,12 @@ class Encoder(nn.Module):
         self.down = nn.ModuleList(Level(c[i], c[i + 1], c[i + 1] if i in attending else None) for i in range(len(c) - 1))
         self.norm_out = norm(c[-1])
         self.conv_out = nn.Conv2d(c[-1], 2 * cfg.z_channels, 3, padding=1)
+        self.gradient_checkpointing = False
 
     def forward(self, x):
         x = self.conv_in(x)
         for i, level in enumerate(self.down):
-            x = level.block(x)
-            x = level.attn(x) if level.attn else x
+            x = run(self, level.encode, x)
             x = F.avg_pool2d(x, 2) if i < len(self.down) - 1 else x
         return self.conv_out(F.silu(self.norm_out(x)))
 
@@ -59,12 +75,12 @@ class Decoder(nn.Module):
         self.up = nn.ModuleList(Level(c[i + 1], c[i], c[i + 1] if i in attending else None) for i in range(len(c) - 1))
         self.norm_out = norm(c[0])
         self.conv_out = nn.Conv2d(c[0], 1, 3, padding=1)
+        self.gradient_checkpointing = False
 
     def forward(self, z):
         x = self.conv_in(z)
         for i, level in reversed(list(enumerate(self.up))):
-            x = level.attn(x) if level.attn else x
-            x = level.block(x)
+            x = run(self, level.decode, x)
             x = F.interpolate(x, scale_factor=2.0, mode="nearest") if i > 0 else x
         return self.conv_out(F.silu(self.norm_out(x)))
 
@@ -77,6 +93,9 @@ class CXRVAE(nn.Module):
         super().__init__()
         self.scaling_factor = cfg.scaling_factor
         self.encoder, self.decoder = Encoder(cfg), Decoder(cfg)
+
+    def set_gradient_checkpointing(self, enabled):
+        self.encoder.gradient_checkpointing = self.decoder.gradient_checkpointing = enabled
 
     def encode(self, x):
         """x in [-1, 1], [B, 1 or 3, H, W] -> (mean, logvar) [B, 8, H/8, W/8], logvar clamped as SD's VAE does."""
