@@ -18,7 +18,7 @@ from minisd import xrv
 from minisd.adapters import read_adapter
 from minisd.cli import (PRECISIONS, ArgumentParser, check, check_data_root, check_finite, check_pixels, check_seed,
                         check_steps, check_window, data_seed_of, main_guard, output_folder, pick_device,
-                        read_run_record, run_folder, warn_half_precision_on_cpu)
+                        read_run_record, run_folder, run_outputs, warn_half_precision_on_cpu)
 from minisd.errors import MinisdError
 from minisd.files import clear_outputs
 from minisd.evaluation import evaluate_folders, evaluate_model, latest_run, markdown, save_grid
@@ -43,7 +43,7 @@ def parse_args(argv):
     g.add_argument("--split", default="test", help="split whose prompts and images are used")
     g.add_argument("--data-seed", type=int,
                    help="seed of the data split, train.py's --data-seed (default: the adapter's, else 0)")
-    g.add_argument("--resolution", type=int, help="image size (default: the run's, else 224)")
+    g.add_argument("--resolution", type=int, help="image size (default: the run's, else a chest-X-ray LDM's own, else 224)")
     g.add_argument("--window", type=float, nargs=2, metavar=("CENTER", "WIDTH"),
                    help="linear window for DICOM films, in place of their own VOI LUT or window (default: the run's)")
     g.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
@@ -88,7 +88,7 @@ def resolve_mode(args):
         return "folders"
     if args.prompts:
         raise MinisdError("--prompts needs --real and --fake (with --data the prompts come from the data set)")
-    args.manifest = None
+    args.manifest = args.fractions = None
     if args.run or not (args.model or args.data or args.adapter):
         resolve_run(args)
     elif not args.data:
@@ -119,10 +119,12 @@ def resolve_run(args):
             raise MinisdError(f"--run {args.run}: {e}") from None
     else:
         folder, record = latest_run()
-    adapter = Path(args.adapter or folder / "adapter.safetensors")   # the folder named is the run, wherever it was made
-    if not adapter.is_file():
-        raise MinisdError(f"{adapter}: not found (has the run finished?); pass --adapter PATH")
-    args.model, args.data, args.adapter = args.model or record["model"], record["data"], str(adapter)
+    model, adapter = run_outputs("--run", folder, record)   # the folder named is the run, wherever it was made
+    adapter = args.adapter or adapter
+    if not Path(adapter or model).exists():
+        raise MinisdError(f"{adapter or model}: not found (has the run finished?); pass --adapter PATH")
+    args.model, args.data, args.adapter = args.model or model, record["data"], adapter
+    args.fractions = record.get("split")
     check_data_root(args.data, args.data_root)
     args.data_root = args.data_root or record.get("data_root")
     args.resolution = args.resolution or record.get("resolution")
@@ -151,7 +153,7 @@ def resolve_adapter(args):
     if args.data_seed is not None and args.data_seed != seed:
         raise MinisdError(f"--data-seed {args.data_seed}: {args.adapter} was trained on the {args.data} split of data "
                           f"seed {seed}; another split's {args.split} images include its training images")
-    args.data_seed = seed
+    args.data_seed, args.fractions = seed, trained.get("split")
     manifest = Path(args.adapter).parent / f"manifest_{args.split}.jsonl"
     if manifest.is_file():
         args.manifest = str(manifest)

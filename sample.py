@@ -4,7 +4,8 @@ import os
 
 import minisd
 from minisd.cli import (PRECISIONS, ArgumentParser, check, check_finite, check_pixels, check_seed, check_steps, main_guard,
-                        output_folder, pick_device, read_run_record, run_folder, warn_half_precision_on_cpu)
+                        output_folder, pick_device, read_run_record, run_folder, run_outputs, warn_half_precision_on_cpu)
+from minisd.cxr.model import native_resolution
 from minisd.errors import MinisdError
 from minisd.files import clear_outputs
 from minisd.images import captioned_grid, save_png
@@ -23,7 +24,7 @@ def parse_args(argv):
     p.add_argument("--steps", type=int, default=50, help="DDIM steps")
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
     p.add_argument("--seed", type=int, default=0, help="image k of the call starts from noise seeded seed + k")
-    p.add_argument("--height", type=int, help="pixels (default 512; 128 for the tiny model)")
+    p.add_argument("--height", type=int, help="pixels (default 512; 128 for the tiny model; a chest-X-ray LDM's own, 256)")
     p.add_argument("--width", type=int)
     p.add_argument("--num-images", type=int, default=1, help="images per prompt")
     p.add_argument("--batch-size", type=int, default=4, help="images per sampling batch")
@@ -68,8 +69,8 @@ def main(argv=None):
             record = read_run_record(folder, required=["model"])
         except MinisdError as e:
             raise MinisdError(f"--run {args.run}: {e}") from None
-        model = model or record["model"]
-        adapter = adapter or os.path.join(folder, "adapter.safetensors")
+        recorded_model, recorded_adapter = run_outputs("--run", folder, record)
+        model, adapter = model or recorded_model, adapter or recorded_adapter
     model = model or minisd.DEFAULT_MODEL
     output_folder("--out", args.out)
     clear_outputs(args.out, ("[0-9][0-9][0-9][0-9]-seed*.png", "grid.png", "prompts.json"))   # an earlier call's images
@@ -79,7 +80,7 @@ def main(argv=None):
     if adapter:
         from minisd.adapters import load_adapter
         load_adapter(sd, adapter)
-    default_size = 128 if model == "tiny" else 512
+    default_size = native_resolution(model) or (128 if model == "tiny" else 512)
     images = ddim_sample(sd, prompts, negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance,
                          height=args.height or default_size, width=args.width or default_size, seed=args.seed,
                          batch_size=args.batch_size)

@@ -121,6 +121,22 @@ def check_window(flag, window):
           "CENTER WIDTH, finite, with WIDTH at least 1")
 
 
+def split_fractions(flag, text):
+    """"70/10/20" -> {"train": 0.7, "val": 0.1, "test": 0.2}; "80/20" -> train and test only; None -> None (the
+    data set's own split)."""
+    if text is None:
+        return None
+    try:
+        numbers = [float(x) for x in text.split("/")]
+    except ValueError:
+        numbers = []
+    if len(numbers) not in (2, 3) or not all(math.isfinite(x) and x > 0 for x in numbers) or abs(sum(numbers) - 100) > 1e-6:
+        raise MinisdError(f"{flag} {text}: expected train/val/test (or train/test) percentages that sum to 100, "
+                          f"e.g. 70/10/20")
+    names = ("train", "val", "test") if len(numbers) == 3 else ("train", "test")
+    return {name: x / 100 for name, x in zip(names, numbers)}
+
+
 def check_data_root(data, root):
     """--data-root with the built-in phantom would be ignored: the user surely meant another --data."""
     if data == "phantom" and root is not None:
@@ -167,6 +183,16 @@ def read_run_record(folder, required=(), parser=None):
         if action.dest in record:
             check_recorded_type(path, action, record[action.dest])
     return record
+
+
+def run_outputs(flag, folder, record):
+    """(model, adapter) of a run: a fine-tuning run's base model and adapter.safetensors, or the model folder a
+    --stage unet run trained (no adapter)."""
+    if record.get("stage") == "vae":
+        raise MinisdError(f"{flag} {folder}: a --stage vae run trains only the VAE; give the --stage unet run trained on it")
+    if record.get("stage"):
+        return os.path.join(folder, "model"), None
+    return record["model"], os.path.join(folder, "adapter.safetensors")
 
 
 def data_seed_of(record):

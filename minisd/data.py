@@ -93,8 +93,7 @@ class ImageTextDataset(torch.utils.data.Dataset):
 class PhantomDataset(ImageTextDataset):
     """One split of the procedural set (minisd.phantom): item i is a pure function of (seed, start + i)."""
 
-    def __init__(self, split, resolution, seed, size=PHANTOM_SIZE):
-        bounds = split_bounds(size, THREE_WAY)
+    def __init__(self, split, resolution, seed, bounds):
         if split not in bounds:
             raise MinisdError(f"phantom has no split {split!r}: it has {', '.join(bounds)}")
         self.name, self.root, self.split, self.splits = "phantom", None, split, tuple(bounds)
@@ -318,9 +317,10 @@ READERS = {"iuxray": read_iuxray, "montgomery": read_montgomery, "folder": read_
 
 
 # ------------------------------------------------------------------------------------------- entry point
-def load_dataset(name, root=None, split="train", resolution=224, seed=0, window=None):
+def load_dataset(name, root=None, split="train", resolution=224, seed=0, window=None, fractions=None):
     """One split of a data set in DATASETS; `root` defaults to data/<name>, `seed` fixes the split
-    (and, for the phantom, the images); `window` (center, width) replaces the VOI transform of DICOM films."""
+    (and, for the phantom, the images); `window` (center, width) replaces the VOI transform of DICOM films;
+    `fractions` {split: fraction} replace the data set's own."""
     if name not in DATASETS:
         raise MinisdError(f"unknown data set {name!r}: choose one of {', '.join(DATASETS)}")
     if not isinstance(resolution, int) or resolution < 1:
@@ -328,12 +328,15 @@ def load_dataset(name, root=None, split="train", resolution=224, seed=0, window=
     if not isinstance(seed, int) or seed < 0:
         raise MinisdError(f"seed must be a non-negative integer, got {seed!r}")
     if name == "phantom":
-        return PhantomDataset(split, resolution, seed)
+        return PhantomDataset(split, resolution, seed, split_bounds(PHANTOM_SIZE, fractions or THREE_WAY))
     root = Path(root) if root is not None else Path("data") / name
     if not root.is_dir():
         raise MinisdError(f"data folder {root} not found; {LAYOUTS[name]}")
 
     candidates, skipped, splits = READERS[name](root)
+    if fractions and not isinstance(splits, dict):
+        raise MinisdError(f"{name} at {root}: its metadata names each image's split, so split fractions do not apply")
+    splits = fractions or splits
     names = list(splits)
     if split not in names:
         raise MinisdError(f"{name} has no split {split!r}: it has {', '.join(names) or 'none'}")
@@ -399,9 +402,11 @@ def load_manifest(path, name, root=None, resolution=224, window=None):
     split = path.stem.removeprefix("manifest_")
     if not samples:
         raise MinisdError(f"{path}: no samples recorded")
-    if name == "phantom":   # its images are a function of the id: seed and index
-        seed = re.fullmatch(r"phantom-(\d+)-\d+", samples[0].id)
-        ds = PhantomDataset(split, resolution, int(seed.group(1))) if seed and split in THREE_WAY else None
+    if name == "phantom":   # its images are a function of the id: seed and index, consecutive in a split
+        first = re.fullmatch(r"phantom-(\d+)-(\d+)", samples[0].id)
+        start = int(first.group(2)) if first else 0
+        ds = PhantomDataset(split, resolution, int(first.group(1)), {split: (start, start + len(samples))}) \
+            if first and split in THREE_WAY and start + len(samples) <= PHANTOM_SIZE else None
         if ds is None or [ds.sample_id(i) for i in range(len(ds))] != [sample.id for sample in samples]:
             raise MinisdError(f"{path}: not a manifest of the phantom's {split!r} split")
         return ds

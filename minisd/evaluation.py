@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from . import metrics, xrv
-from .cli import PRECISIONS, read_run_record
+from .cli import PRECISIONS, read_run_record, split_fractions
 from .errors import MinisdError
 from .images import grid, save_png
 from .inception import RESIZE_MODE, load_inception, sha256_file, verify_weights, weights_path
@@ -146,15 +146,16 @@ def latest_run(runs="runs"):
 
 
 def evaluate_model(args, device):
+    from .cxr.model import native_resolution
     from .data import load_dataset, load_manifest
     from .sampling import ddim_sample
-    resolution = args.resolution or 224
+    resolution = args.resolution or native_resolution(args.model) or 224
     data_root = args.data_root or os.path.join("data", args.data)
     if args.manifest:   # the split a run recorded, exactly
         items = list(load_manifest(args.manifest, args.data, data_root, resolution, args.window))
     else:
         items = list(load_dataset(args.data, data_root, split=args.split, resolution=resolution,
-                                  seed=args.data_seed, window=args.window))
+                                  seed=args.data_seed, window=args.window, fractions=split_fractions("--split", args.fractions)))
     if not items:
         raise MinisdError(f"--data {args.data} --split {args.split}: no samples in {data_root}")
     prompts = [item["prompt"] for item in items]

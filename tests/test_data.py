@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from minisd import phantom
-from minisd.data import DATASETS, load_dataset, load_image, summary
+from minisd.data import DATASETS, load_dataset, load_image, load_manifest, summary
 from minisd.errors import MinisdError
 
 
@@ -145,10 +145,10 @@ def write_big_iuxray(root, uids, order_seed):
         save_png(root / "images" / "images_normalized" / name, size=(4, 4))
 
 
-def split_of_uids(root, seed=0):
+def split_of_uids(root, seed=0, fractions=None):
     out = {}
     for split in ("train", "val", "test"):
-        for row in load_dataset("iuxray", root, split=split, resolution=4, seed=seed).manifest():
+        for row in load_dataset("iuxray", root, split=split, resolution=4, seed=seed, fractions=fractions).manifest():
             out.setdefault(row["id"].split("_")[0], set()).add(split)
     return out
 
@@ -163,6 +163,26 @@ def test_iuxray_split_proportions_and_determinism(tmp_path):
     sizes = {split: sum(s == {split} for s in a.values()) for split in ("train", "val", "test")}
     assert abs(sizes["train"] - 400) <= 1 and abs(sizes["val"] - 80) <= 1 and abs(sizes["test"] - 20) <= 1
     assert split_of_uids(tmp_path / "a", seed=1) != a  # the seed chooses the split
+    paper = split_of_uids(tmp_path / "a", fractions={"train": 0.7, "val": 0.1, "test": 0.2})   # --split 70/10/20
+    assert all(len(s) == 1 for s in paper.values())
+    assert [sum(s == {split} for s in paper.values()) for split in ("train", "val", "test")] == [350, 50, 100]
+
+
+def test_split_fractions_apply_to_every_data_set(montgomery, tmp_path):
+    """--split: montgomery gains a validation split; a phantom split's manifest reads back; a folder whose
+    metadata names the splits refuses fractions."""
+    three = {"train": 0.5, "val": 0.25, "test": 0.25}
+    assert len(load_quietly("montgomery", montgomery, split="val", fractions=three)) == 1
+    val = load_dataset("phantom", split="val", resolution=16, fractions={"train": 0.7, "val": 0.1, "test": 0.2})
+    assert len(val) == 200 and val.sample_id(0) == "phantom-0-01400"
+    val.write_manifest(tmp_path / "manifest_val.jsonl")
+    again = load_manifest(tmp_path / "manifest_val.jsonl", "phantom", resolution=16)
+    assert torch.equal(again[5]["image"], val[5]["image"]) and again.manifest() == val.manifest()
+    for k in range(2):
+        save_png(tmp_path / f"{k}.png", seed=k)
+    write_csv(tmp_path / "metadata.csv", ["file_name", "text", "split"], [["0.png", "a", "train"], ["1.png", "b", "test"]])
+    with pytest.raises(MinisdError, match="its metadata names each image's split, so split fractions do not apply"):
+        load_dataset("folder", tmp_path, resolution=8, fractions=three)
 
 
 # ------------------------------------------------------------------------------------------- Montgomery

@@ -208,8 +208,8 @@ def test_model_mode_generates_per_seed_and_summarises(ws, script, tmp_path, monk
               "id": f"p{i}"} for i in range(3)]
     calls = []
 
-    def load_dataset(name, root, split, resolution, seed, window=None):
-        calls.append((name, root, split, resolution, seed))
+    def load_dataset(name, root, split, resolution, seed, window=None, fractions=None):
+        calls.append((name, root, split, resolution, seed, fractions))
         return items
     monkeypatch.setitem(sys.modules, "minisd.data", types.SimpleNamespace(load_dataset=load_dataset, load_manifest=None))
     out = tmp_path / "out"
@@ -219,7 +219,7 @@ def test_model_mode_generates_per_seed_and_summarises(ws, script, tmp_path, monk
                           "--steps", "1", "--guidance", "1", "--inception-weights", str(ws / "inception.pth"),
                           "--clip-weights", str(ws / "clip.pt"), "--dims", "64", "--out", str(out),
                           "--force-inception-weights"])
-    assert calls == [("phantom", os.path.join("data", "phantom"), "test", 64, 0)]
+    assert calls == [("phantom", os.path.join("data", "phantom"), "test", 64, 0, None)]
     assert list(report["per_seed"]) == ["0", "1"] and report["images"] == {"real": 3, "generated": 3}
 
     # each seed's numbers are those of its PNGs against the real images
