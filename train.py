@@ -1,9 +1,13 @@
-"""Fine-tune SD-1.5 with SeLoRA (or LoRA, DyLoRA, AdaLoRA) on an image–text data set.
+"""Fine-tune SD-1.5 with SeLoRA (or LoRA, DyLoRA, AdaLoRA) on an image–text data set, or train the chest-X-ray
+LDM from scratch (--stage vae, then --stage unet).
 
     python train.py --model tiny --data phantom                       # CPU demo, a few minutes
     python train.py --data iuxray --data-root DIR --lambda 1.1        # SeLoRA on IU X-Ray
     torchrun --nproc_per_node 4 train.py --data iuxray ...            # several GPUs
     python train.py --resume NAME                                     # continue runs/NAME after a stop
+    python train.py --model cxr-ldm --stage vae --data iuxray --run-name vae             # the VAE, then
+    python train.py --model cxr-ldm --stage unet --vae runs/vae --data iuxray \
+        --text-encoder dmis-lab/biobert-base-cased-v1.1 --run-name ldm               # the U-Net: runs/ldm/model
 """
 import argparse
 import datetime
@@ -15,10 +19,14 @@ import minisd
 from minisd.adapters import METHODS
 from minisd.adapters.selora import ESTIMATORS, check_lambda
 from minisd.cli import (PRECISIONS, RUNS, ArgumentParser, check_data_root, check_finite, check_seed, check_steps,
-                        check_window, data_seed_of, main_guard, pick_device, read_run_record, run_folder, run_name)
+                        check_window, data_seed_of, main_guard, pick_device, read_run_record, run_folder, run_name,
+                        split_fractions)
+from minisd.cxr.model import native_resolution
 from minisd.data import DATASETS
 from minisd.errors import MinisdError
+from minisd.pretraining import TRAINERS
 from minisd.runs import PLACE_ARGS
+from minisd import stage_args
 from minisd.stopping import Interrupted
 from minisd.training import Trainer
 
@@ -28,8 +36,8 @@ TINY_DEFAULTS = {"max_steps": 80, "resolution": 128, "val_max": 64}
 # The SeLoRA authors' released code: alpha 8 at rank 1 (s = 8), λ 1.3, no prompt dropout, squared batch
 # gradients. Flags given on the command line override a preset's values.
 PRESETS = {"authors": {"alpha": 8.0, "lam": 1.3, "cfg_dropout": 0.0, "fisher": "batch"}}
-# absent from older runs' records
-NEWER_FLAGS = ("data_seed", "fisher", "preset", "val_every", "tensorboard", "window")
+NEWER_FLAGS = ("data_seed", "fisher", "preset", "val_every", "tensorboard", "window", "split",
+               *stage_args.STAGE_FLAGS, "stage")   # absent from older runs' records
 
 
 def parser():
@@ -37,7 +45,7 @@ def parser():
     p.add_argument("--model", default=minisd.DEFAULT_MODEL, help="single .safetensors/.ckpt file, diffusers folder, hub id, or 'tiny'")
     p.add_argument("--data", default="phantom", choices=sorted(DATASETS), help="data set")
     p.add_argument("--data-root", help="data folder (default data/<name>)")
-    p.add_argument("--method", default="selora", choices=METHODS, help="adapter")
+    p.add_argument("--method", choices=METHODS, help="adapter (default selora; none with --stage)")
     p.add_argument("--rank", type=int, default=4, help="LoRA rank, DyLoRA's r_max, AdaLoRA's target rank (SeLoRA starts at 1)")
     p.add_argument("--alpha", type=float, default=1.0, help="scale s = alpha / initial rank")
     p.add_argument("--lambda", dest="lam", type=float, default=1.1, help="SeLoRA: grow a layer when its FI-ratio ≥ λ")
@@ -49,6 +57,20 @@ def parser():
                         "(the authors' code)")
     p.add_argument("--preset", choices=sorted(PRESETS),
                    help="authors: alpha 8, --lambda 1.3, --cfg-dropout 0, --fisher batch (flags given win)")
+    g = p.add_argument_group("training the chest-X-ray LDM from scratch (defaults: the paper's settings)")
+    g.add_argument("--stage", choices=stage_args.STAGES,
+                   help="train --model cxr-ldm (or cxr-tiny) from scratch: vae (defaults --epochs 200 --batch-size 32 "
+                        "--lr-end 0), then unet on its --vae (--epochs 480 --batch-size 4 --grad-accum 4 --lr-end 4.62e-5 "
+                        "--cfg-dropout 0.1); both AdamW, --lr 1e-4 cosine, --split 70/10/20, the model's resolution")
+    g.add_argument("--vae", metavar="RUN", help="--stage unet: the --stage vae run (runs/NAME), a cxr-ldm folder or a VAE folder")
+    g.add_argument("--text-encoder", metavar="BERT",
+                   help="--stage unet: a BERT folder or hub id (dmis-lab/biobert-base-cased-v1.1) as the text encoder "
+                        "(default: a random one with a character vocabulary)")
+    g.add_argument("--ema", type=float, metavar="DECAY",
+                   help="keep an exponential moving average of the weights, which validation and the files use")
+    g.add_argument("--weight-decay", type=float, help="AdamW's (default 0.01)")
+    g.add_argument("--lr-end", type=float, help="the cosine schedule's last learning rate")
+    g.add_argument("--kl-weight", type=float, help="--stage vae: loss = reconstruction MSE + this × KL (default 1e-4)")
     p.add_argument("--convs", action="store_true", help="also adapt the U-Net's 1×1 proj_in/proj_out convolutions")
     p.add_argument("--freeze-text-encoder", action="store_true", help="adapt the U-Net only")
     p.add_argument("--epochs", type=int, default=10, help="passes over the training split (unless --max-steps)")
@@ -73,6 +95,8 @@ def parser():
     p.add_argument("--seed", type=int, default=0, help="adapter initialisation, batch order and noise")
     p.add_argument("--data-seed", type=int, default=0,
                    help="the train/val/test split (and the phantom's images): a property of the data, not of the run")
+    p.add_argument("--split", metavar="TRAIN/VAL/TEST",
+                   help="split percentages, e.g. 70/10/20 or 80/20 (default: the data set's own; --stage: 70/10/20)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--workers", type=int, help="data loading processes (default 4 on a GPU, 0 on the CPU)")
     p.add_argument("--tensorboard", action="store_true",
@@ -101,7 +125,7 @@ def parse_args(argv):
 def check(args):
     if args.resolution is not None and args.resolution < 1:   # checked before 224 fills in for None
         raise MinisdError(f"--resolution must be at least 1, got {args.resolution}")
-    args.resolution = args.resolution or 224
+    args.resolution = args.resolution or native_resolution(args.model) or 224
     positive = ["rank", "expand_every", "fisher_window", "epochs", "batch_size", "grad_accum", "resolution", "save_every",
                 "val_every"]
     for name in positive + (["max_steps"] if args.max_steps is not None else []) + (["max_rank"] if args.max_rank is not None else []) \
@@ -120,6 +144,8 @@ def check(args):
                       "(rank 1 + steps / --expand-every everywhere)")
     check_seed("--seed", args.seed)
     check_seed("--data-seed", args.data_seed)
+    split_fractions("--split", args.split)
+    stage_args.check(args)
     check_steps("--val-steps", args.val_steps)
     if args.window is not None:
         check_window("--window", args.window)
@@ -158,6 +184,7 @@ def resume_args(args, given):
     saved.update(data_seed=data_seed_of(saved), fisher=saved.get("fisher", "sample"), preset=saved.get("preset"),
                  val_every=saved.get("val_every", 1), tensorboard=saved.get("tensorboard", False),
                  window=saved.get("window"))
+    saved.update({name: saved.get(name) for name in ("split", "stage", *stage_args.STAGE_FLAGS)})
     changed = sorted(k for k in given - RESUME_FLAGS if getattr(args, k) != saved[k])
     if changed:
         flag = changed[0]
@@ -193,17 +220,19 @@ def main(argv=None):
         for name, value in TINY_DEFAULTS.items():
             if args.model == "tiny" and getattr(args, name) is None:
                 setattr(args, name, value)
-        check(args)
         check_data_root(args.data, args.data_root)
         args.data_root = args.data_root or os.path.join("data", args.data)
-        args.run_name = run_name("--run-name", args.run_name or f"{args.data}-{args.method}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
+        stage_args.prepare(args, given)
+        check(args)
+        kind = args.method or args.stage
+        args.run_name = run_name("--run-name", args.run_name or f"{args.data}-{kind}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
         args.device = pick_device(args.device)
         args.workers = default_workers(args.device) if args.workers is None else args.workers
     path = run_folder("--run-name", args.run_name)
     resume = saved is not None and os.path.exists(os.path.join(path, "checkpoint.pt"))
     record = {k: v for k, v in vars(args).items() if k != "resume"}
-    record["adapter"] = os.path.join(path, "adapter.safetensors")
-    trainer = Trainer(argparse.Namespace(**record), path, resume)
+    record["adapter"] = os.path.join(path, "adapter.safetensors") if args.stage is None else None
+    trainer = TRAINERS.get(args.stage, Trainer)(argparse.Namespace(**record), path, resume)
     if resume:
         check_extension(trainer, saved, path)
     trainer.run.save_json("args.json", record)   # on resume too: a copied run records its own name
@@ -225,9 +254,9 @@ def check_extension(trainer, saved, path):
         raise MinisdError(f"{path} is at step {trainer.step}: a run of {trainer.total_steps} steps would end before "
                           f"it (give a larger --max-steps or --epochs to continue it)")
     recorded = saved["max_steps"] or saved["epochs"] * trainer.steps_per_epoch
-    if trainer.args.method == "adalora" and trainer.total_steps != recorded:
-        raise MinisdError(f"--max-steps/--epochs: an adalora run's rank budget schedule follows its {recorded} "
-                          f"steps, so it cannot be extended")
+    if (trainer.args.method == "adalora" or trainer.args.stage) and trainer.total_steps != recorded:
+        schedule = "a --stage run's cosine learning rate" if trainer.args.stage else "an adalora run's rank budget schedule"
+        raise MinisdError(f"--max-steps/--epochs: {schedule} follows its {recorded} steps, so it cannot be extended")
     if trainer.step == trainer.total_steps and trainer.run.writer:
         print(f"{path} finished at step {trainer.step}; to continue it give --max-steps or --epochs beyond that")
 

@@ -51,15 +51,53 @@ def atomic_write(path, write, suffix="", errors=()):
 
 
 def remove_temporary_files(folder):
-    """Delete the temporary files that interrupted writes left in `folder` (and below); returns how many."""
+    """Delete the temporary files and folders that interrupted writes left in `folder` (and below), and put back
+    a folder that atomic_folder had moved aside; returns how many were removed."""
     removed = 0
-    for parent, _, names in os.walk(folder):
+    for parent, folders, names in os.walk(folder):
+        for name in list(folders):
+            if TEMPORARY.fullmatch(name):
+                folders.remove(name)
+                shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+                removed += 1
+            elif name.endswith(PREVIOUS):   # the old folder of a replacement: kept where the new one is missing
+                folders.remove(name)
+                original = os.path.join(parent, name[:-len(PREVIOUS)])
+                if os.path.isdir(original):
+                    shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+                else:
+                    os.replace(os.path.join(parent, name), original)
         for name in names:
             if TEMPORARY.fullmatch(name):
                 with contextlib.suppress(OSError):
                     os.remove(os.path.join(parent, name))
                     removed += 1
     return removed
+
+
+PREVIOUS = ".previous"   # a folder being replaced by atomic_folder, until its replacement is in place
+
+
+def atomic_folder(path, write):
+    """Call `write(temporary folder)`, then put that folder in place at `path`. The folder it replaces is moved
+    aside first and deleted last: after a crash at any point remove_temporary_files leaves `path` whole, the
+    old or the new one."""
+    path = os.fspath(path)
+    tmp, previous = f"{path}.tmp{os.getpid()}", path + PREVIOUS
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        write(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    try:
+        if os.path.isdir(path):
+            shutil.rmtree(previous, ignore_errors=True)
+            os.replace(path, previous)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise write_error(path, e) from None
+    shutil.rmtree(previous, ignore_errors=True)
 
 
 def clear_outputs(folder, patterns):

@@ -14,11 +14,11 @@ except ImportError:   # Windows: no peak resident set size
     resource = None
 
 
-def parameter_counts(sd):
-    """{part: {"trainable", "total", "percent"}} for the U-Net, the text encoder and the whole model; a
-    part's total counts all of its parameters, adapters included (peft's "trainable%")."""
+def parameter_counts(sd, parts=PARTS):
+    """{part: {"trainable", "total", "percent"}} for the U-Net and the text encoder (or `parts`) and the whole
+    model; a part's total counts all of its parameters, adapters included (peft's "trainable%")."""
     counts = {}
-    for part in (*PARTS, None):
+    for part in (*parts, None):
         params = list(getattr(sd, part).parameters() if part else sd.parameters())
         total = sum(p.numel() for p in params)
         trainable = sum(p.numel() for p in params if p.requires_grad)

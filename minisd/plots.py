@@ -54,7 +54,7 @@ def rank_heatmap(ranks, part, path, title=""):
     return True
 
 
-def loss_curve(records, path, smooth=20):
+def loss_curve(records, path, ylabel="ε-prediction MSE", smooth=20):
     """Training loss per step (and its moving average over `smooth` steps) and validation loss, from the
     records of a run's log.jsonl, as a PNG; returns False when there is no step yet."""
     steps = [(r["step"], r["loss"]) for r in records if isinstance(r.get("loss"), (int, float))]
@@ -73,7 +73,7 @@ def loss_curve(records, path, smooth=20):
         vx, vy = np.array(validations, dtype=float).T
         axes.plot(vx, vy, "o-", color="tab:orange", label="validation loss")
     axes.set_xlabel("step")
-    axes.set_ylabel("ε-prediction MSE")
+    axes.set_ylabel(ylabel)
     axes.set_title("loss")
     axes.grid(alpha=0.3)
     axes.legend()

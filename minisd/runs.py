@@ -25,7 +25,7 @@ except ImportError:   # Windows: no advisory locks, so runs are not locked there
 LOCK = ".lock"
 # What a run writes; a restart of a run that never reached a checkpoint clears these.
 OUTPUTS = ("args.json", "log.jsonl", "manifest_*.jsonl", "adapter*.safetensors", "ranks_*.png", "loss.png",
-           "samples/*.png", "tensorboard")
+           "samples/*.png", "tensorboard", "vae", "vae_last", "model", "model_last")
 # What a resumed run may change: where it runs, for how long and what it logs, not what a step computes.
 PLACE_ARGS = ("run_name", "adapter", "device", "workers", "max_steps", "epochs", "tensorboard")
 TENSORBOARD_SCALARS = {"loss": "train/loss", "val_loss": "val/loss", "lr": "train/lr", "total_rank": "train/total_rank",
@@ -105,18 +105,19 @@ class Run:
                 if isinstance(record.get(key), (int, float)):
                     self.tensorboard.add_scalar(tag, record[key], record["step"])
 
-    def save_samples(self, images, prompts, step):
+    def save_samples(self, images, prompts, step, columns=None):
         """The validation sample grid, captioned with its prompts: samples/stepNNNNNN.png (and TensorBoard)."""
         if not self.writer:
             return
-        image = captioned_grid(images, prompts)
+        image = captioned_grid(images, prompts, columns)
         save_png(image, self.file(os.path.join("samples", f"step{step:06d}.png")))
         if self.tensorboard is not None:
             self.tensorboard.add_image("samples", image, step)
 
     def log_ranks(self, ranks, step):
         if self.tensorboard is not None:
-            self.tensorboard.add_histogram("ranks", torch.tensor(list(ranks.values())), step)
+            if ranks:
+                self.tensorboard.add_histogram("ranks", torch.tensor(list(ranks.values())), step)
             self.tensorboard.flush()
 
     def save_json(self, name, payload):

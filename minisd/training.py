@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from . import adapters
 from .checkpoint.files import first_line
+from .cli import split_fractions
 from .data import load_dataset, summary
 from .errors import MinisdError
 from .measures import Measures
@@ -80,6 +81,7 @@ def trainable_state(sd):
 
 
 class Trainer:
+    LOSS = "ε-prediction MSE"   # what the loss curve shows
     def __init__(self, args, run_path, resume):
         self.args = args
         self.rank, self.world, self.device = setup_distributed(args.device)
@@ -88,32 +90,51 @@ class Trainer:
         if args.precision == "fp16" and not self.device.startswith("cuda"):
             raise MinisdError("--precision fp16 needs a GPU; use bf16 or fp32 on the CPU")
 
-        self.sd = load(args.model, device=self.device, dtype=torch.float32)
-        self.sd.set_gradient_checkpointing(args.grad_checkpointing)
-        torch.manual_seed(args.seed)   # adapter initialisation: the same on every process and every resume
-        self.summary = adapters.inject(self.sd, args.method, rank=args.rank, alpha=args.alpha, convs=args.convs,
-                                       text_encoder=not args.freeze_text_encoder)
-        self.layers = adapters.adapted_layers(self.sd)
-        self.fingerprint = adapters.fingerprint(self.sd)   # of the base weights: a resumed run must have the same
+        self.resume = resume
+        self.setup_model()
 
-        # The split is the data's (--data-seed), never the run's --seed: runs with other seeds share a test set.
-        self.train_set = load_dataset(args.data, args.data_root, "train", args.resolution, args.data_seed,
-                                      args.window)
-        self.val_set = load_dataset(args.data, args.data_root, "val", args.resolution, args.data_seed, args.window) \
-            if "val" in self.train_set.splits else None
+        # The split is the data's (--data-seed, --split), never the run's --seed: runs with other seeds share a test set.
+        self.train_set = self.load_split("train")
+        self.val_set = self.load_split("val") if "val" in self.train_set.splits else None
         self.global_batch = args.batch_size * self.world
         self.steps_per_epoch = len(self.train_set) // (self.global_batch * args.grad_accum)
         if self.steps_per_epoch == 0:
             raise MinisdError(f"the training split has {len(self.train_set)} images, fewer than one step's "
                               f"{self.global_batch * args.grad_accum} (--batch-size × processes × --grad-accum)")
         self.total_steps = args.max_steps or args.epochs * self.steps_per_epoch
+
+        self.params = [p for p in self.sd.parameters() if p.requires_grad]
+        self.scaler = torch.amp.GradScaler("cuda", enabled=args.precision == "fp16")
+        self.setup_optimizer()
+        self.generator = torch.Generator().manual_seed(args.seed)
+        self.ac = alphas_cumprod(self.sd.schedule).to(self.device)
+        self.step, self.best_val, self.rank_history, self.val_fields = 0, math.inf, [], {}
+        self.measures = Measures(self.device)
+        self.stop = StopRequests()
+        if resume:
+            self.load_checkpoint()
+        self.run.open_log(keep_until_step=self.step if resume else None)
+
+    # ------------------------------------------------------------------------- what is trained
+
+    def setup_model(self):
+        """The base model with adapters injected (seeded: the same on every process and every resume)."""
+        args = self.args
+        self.sd = load(args.model, device=self.device, dtype=torch.float32)
+        self.sd.set_gradient_checkpointing(args.grad_checkpointing)
+        torch.manual_seed(args.seed)
+        self.summary = adapters.inject(self.sd, args.method, rank=args.rank, alpha=args.alpha, convs=args.convs,
+                                       text_encoder=not args.freeze_text_encoder)
+        self.layers = adapters.adapted_layers(self.sd)
+        self.fingerprint = adapters.fingerprint(self.sd)   # of the base weights: a resumed run must have the same
+
+    def setup_optimizer(self):
+        """Adam with a step count per entry (grown ranks start fresh), and the method's rank controller."""
+        args = self.args
         if args.method == "selora" and self.total_steps < args.expand_every and self.rank == 0:
             warnings.warn(f"SeLoRA tests ranks every {args.expand_every} steps (--expand-every) and this run has "
                           f"{self.total_steps} (--max-steps / --epochs): no layer will grow")
-
-        self.params = [p for p in self.sd.parameters() if p.requires_grad]
-        self.optimizer = Adam(self.params, lr=args.lr)   # a step count per entry: grown ranks start fresh
-        self.scaler = torch.amp.GradScaler("cuda", enabled=args.precision == "fp16")
+        self.optimizer = Adam(self.params, lr=args.lr)
         self.controller = None
         if args.method == "selora":
             self.controller = adapters.SeLoRAController(self.layers.items(), lam=args.lam, every=args.expand_every,
@@ -121,14 +142,24 @@ class Trainer:
                                                         seed=args.seed, distributed=self.world > 1, fisher=args.fisher)
         elif args.method == "adalora":
             self.controller = adapters.AdaLoRAController(self.layers.items(), total_steps=self.total_steps, target_rank=args.rank)
-        self.generator = torch.Generator().manual_seed(args.seed)
-        self.ac = alphas_cumprod(self.sd.schedule).to(self.device)
-        self.step, self.best_val, self.rank_history = 0, math.inf, []
-        self.measures = Measures(self.device)
-        self.stop = StopRequests()
-        if resume:
-            self.load_checkpoint()
-        self.run.open_log(keep_until_step=self.step if resume else None)
+
+    def load_split(self, split):
+        a = self.args
+        return load_dataset(a.data, a.data_root, split, a.resolution, a.data_seed, window=a.window,
+                            fractions=split_fractions("--split", a.split))
+
+    def description(self):
+        """What trains, for the start of the run's output."""
+        return (f"adapters: {self.summary['method']} in {self.summary['layers']} layers, "
+                f"{self.summary['trainable_params']:,} trainable parameters")
+
+    def step_fields(self):
+        """What the log records of each step besides its loss, learning rate and speed."""
+        return {"total_rank": self.total_rank()}
+
+    def shown_fields(self):
+        """What the progress bar shows besides the loss and speed."""
+        return {"rank": self.total_rank()}
 
     # ------------------------------------------------------------------------------------ a step
 
@@ -277,7 +308,7 @@ class Trainer:
             ds = {"train": self.train_set, "val": self.val_set}.get(split)
             if ds is None:
                 try:
-                    ds = load_dataset(self.args.data, self.args.data_root, split, self.args.resolution, self.args.data_seed)
+                    ds = self.load_split(split)
                 except MinisdError as e:   # an empty test split does not stop training
                     warnings.warn(f"no manifest of split {split!r}: {e}")
                     continue
@@ -291,7 +322,7 @@ class Trainer:
                  "scaler": self.scaler.state_dict(), "generator": self.generator.get_state(),
                  "torch_rng": torch.get_rng_state(), "best_val": self.best_val, "rank_history": self.rank_history,
                  "controller": self.controller.state_dict() if self.controller is not None else None,
-                 "measures": self.measures.state_dict(),
+                 "measures": self.measures.state_dict(), **self.extra_state(),
                  "args": {k: v for k, v in vars(self.args).items() if k not in PLACE_ARGS}}
         atomic_torch_save(state, self.run.file("checkpoint.pt"))
 
@@ -340,21 +371,41 @@ class Trainer:
             raise MinisdError(f"--resume: {path}: optimizer or random state does not fit this run ({e})") from None
         self.step, self.best_val, self.rank_history = state["step"], state["best_val"], state["rank_history"]
         self.measures = Measures(self.device, state.get("measures"))   # absent from older checkpoints
+        self.load_extra_state(state, path)
+
+    def extra_state(self):
+        """What a checkpoint holds beyond the state every run has."""
+        return {}
+
+    def load_extra_state(self, state, path):
+        pass
 
     # ------------------------------------------------------------------------------------ loop
 
     def end_of_validation_period(self):
         val_loss = self.validate() if self.run.writer else None
         if self.run.writer:
-            self.run.log({"step": self.step, "event": "validation", "val_loss": val_loss})
+            self.run.log({"step": self.step, "event": "validation", "val_loss": val_loss, **self.val_fields})
             if val_loss is None or val_loss < self.best_val:
                 self.best_val = val_loss if val_loss is not None else self.best_val
-                self.save_adapter("adapter.safetensors", val_loss)
-                self.measures.best = self.record(val_loss, "adapter.safetensors", "best_")
+                self.save_best(val_loss)
             self.write_summary(self.record(val_loss))
             self.run.log_ranks(self.ranks(), self.step)
-            loss_curve(read_log(self.run.file("log.jsonl")), self.run.file("loss.png"))
+            loss_curve(read_log(self.run.file("log.jsonl")), self.run.file("loss.png"), self.LOSS)
         return val_loss
+
+    def save_best(self, val_loss):
+        self.save_adapter("adapter.safetensors", val_loss)
+        self.measures.best = self.record(val_loss, "adapter.safetensors", "best_")
+
+    def finish(self, val_loss):
+        """The files of a finished run: the last adapter, the best one if no validation chose it, the summary."""
+        self.save_adapter("adapter_last.safetensors", val_loss)
+        if not os.path.exists(self.run.file("adapter.safetensors")):
+            self.save_best(val_loss)
+        self.write_summary(self.record(val_loss, "adapter_last.safetensors"), finished=True)
+        print(f"done: {self.run.path} (total rank {self.total_rank()}, best validation loss "
+              f"{self.best_val if self.best_val < math.inf else 'n/a'})")
 
     def validation_due(self, step):
         return validation_due(step, self.steps_per_epoch, self.args.val_every, self.total_steps)
@@ -368,9 +419,7 @@ class Trainer:
         a = self.args
         if self.run.writer:
             print(summary(self.train_set))
-            print(f"adapters: {self.summary['method']} in {self.summary['layers']} layers, "
-                  f"{self.summary['trainable_params']:,} trainable parameters; {self.total_steps} steps of "
-                  f"{self.global_batch * a.grad_accum} images")
+            print(f"{self.description()}; {self.total_steps} steps of {self.global_batch * a.grad_accum} images")
             self.write_manifests()
         bar = TrainingBar(self.total_steps, self.step, self.validations_after, disable=not self.run.writer)
         val_loss, batches, shown = None, self.batches(), {}
@@ -381,10 +430,10 @@ class Trainer:
             rate = self.global_batch * a.grad_accum / seconds
             self.rank_history.extend(events)
             self.run.log({"step": self.step, "loss": loss, "lr": self.optimizer.param_groups[0]["lr"],
-                          "images_per_s": rate, "total_rank": self.total_rank()})
+                          "images_per_s": rate, **self.step_fields()})
             for e in events:
                 self.run.log({"event": "expand", **e})
-            bar.set_postfix(loss=f"{loss:.4f}", rank=self.total_rank(), img_s=f"{rate:.1f}", **shown)
+            bar.set_postfix(loss=f"{loss:.4f}", **self.shown_fields(), img_s=f"{rate:.1f}", **shown)
             bar.step_done(seconds)
             if events and self.run.writer:
                 bar.write(f"step {self.step}: {len(events)} layers grew; total rank {self.total_rank()}")
@@ -403,13 +452,7 @@ class Trainer:
                 raise Interrupted(signum, self.step)
         bar.close()
         if self.run.writer:
-            self.save_adapter("adapter_last.safetensors", val_loss)
-            if not os.path.exists(self.run.file("adapter.safetensors")):
-                self.save_adapter("adapter.safetensors", val_loss)
-                self.measures.best = self.record(val_loss, "adapter.safetensors", "best_")
-            self.write_summary(self.record(val_loss, "adapter_last.safetensors"), finished=True)
-            print(f"done: {self.run.path} (total rank {self.total_rank()}, best validation loss "
-                  f"{self.best_val if self.best_val < math.inf else 'n/a'})")
+            self.finish(val_loss)
         if self.world > 1:
             dist.barrier()
         return self.run.path
