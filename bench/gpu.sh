@@ -46,12 +46,13 @@ export PYTHONUNBUFFERED=1 MAX_JOBS=16 PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPAT
 FAILED=0
 
 # Benches: NAME TIMEOUT ARGUMENTS... (each writes RESULTS_DIR/NAME.json with its "targets"). A new bench is
-# one more line here, e.g. the cxr-ldm family's step and sampling times: "cxr_ldm 90".
+# one more line here.
 BENCHES=(
     "kernel 100"
     "train_step 150"
     "sample 90"
     "fid 60"
+    "cxr_ldm 90"
 )
 
 printf '| stage | outcome | seconds |\n|---|---|---|\n' > "$OUT/stages.md"

@@ -52,9 +52,9 @@ def test_rehearsal_records_stages_and_ends_with_the_targets(tmp_path):
     stages = (results / "stages.md").read_text()
     assert "| environment | ok, log environment.log |" in stages and "cuda-tests" not in stages
     assert "torch" in (results / "environment.log").read_text()
-    last = done.stdout.splitlines()[-4:]
+    last = done.stdout.splitlines()[-5:]
     assert last[0] == "kernel: speed-up: 2 × (target ≥ 1.5): met"
-    assert [line.split(":")[0] for line in last[1:]] == ["train_step", "sample", "fid"]
+    assert [line.split(":")[0] for line in last[1:]] == ["train_step", "sample", "fid", "cxr_ldm"]
 
 
 @needs_bash
