@@ -294,3 +294,5 @@ def test_adalora_rejects_impossible_schedules():
     layers = {"l": AdaLoRALinear(nn.Linear(4, 4), init_rank=6)}
     with pytest.raises(MinisdError, match="more steps"):
         AdaLoRAController(layers, total_steps=10, tinit=5, tfinal=5)
+    with pytest.raises(MinisdError, match="at least 2 before its final budget"):   # no importance to mask by
+        AdaLoRAController(layers, total_steps=1)

@@ -62,8 +62,9 @@ class AdaLoRAController:
         self.delta_t, self.beta1, self.beta2, self.orth_weight = delta_t, beta1, beta2, orth_weight
         self.init_budget = sum(layer.init_rank for layer in self.layers.values())
         self.target_budget = target_rank * len(self.layers)
-        if self.tinit + self.tfinal >= total_steps:
-            raise MinisdError(f"AdaLoRA needs more steps ({total_steps}) than warm-up {self.tinit} + final {self.tfinal}")
+        if self.tinit + self.tfinal >= total_steps or total_steps - self.tfinal < 2:   # importance before the last mask
+            raise MinisdError(f"AdaLoRA needs more steps ({total_steps}) than warm-up {self.tinit} + final {self.tfinal}, "
+                              f"and at least 2 before its final budget")
         if self.target_budget > self.init_budget:
             raise MinisdError(f"AdaLoRA target rank {target_rank} exceeds the initial rank of the layers")
         self.sensitivity, self.uncertainty = {}, {}
