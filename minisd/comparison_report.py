@@ -10,9 +10,8 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from .checkpoint.names import PREFIXES
 from .comparison import cells as grid_cells, duration, evaluation_of, flag_argv, read_record, trained, write_text
-from .plots import save_figure, split_name
+from .plots import rank_grid, save_figure
 
 PART_TITLES = {"text_encoder": "text encoder", "unet": "U-Net"}   # the paper's order
 MISSING = "—"
@@ -132,19 +131,6 @@ def csv_text(rows):
 
 # ------------------------------------------------------------------------------------- the figure
 
-def rank_grid(part, ranks):
-    """A part's ranks as (block names, layer names, matrix [layers, blocks] with NaN where none), or None."""
-    cells = [(*split_name(part, n), r) for n, r in ranks.items() if n.startswith(PREFIXES[part])]
-    if not cells:
-        return None
-    columns = list(dict.fromkeys(c for c, _, _ in cells))
-    rows = list(dict.fromkeys(r for _, r, _ in cells))
-    matrix = np.full((len(rows), len(columns)), np.nan)
-    for c, r, value in cells:
-        matrix[rows.index(r), columns.index(c)] = value
-    return columns, rows, matrix
-
-
 def first_ranks(cells):
     """(panel label, ranks of the evaluated adapter) of a row's first trained cell; ranks None if none trained."""
     done = [c for c in cells if trained(c)]
@@ -160,7 +146,7 @@ def rank_figure(grid, table, path):
     for data in grid.data:
         entries = [first_ranks(cells) for (d, _, _), cells in table.items() if d == data]
         for part, title in PART_TITLES.items():
-            grids = [(label, rank_grid(part, ranks) if ranks else None) for label, ranks in entries]
+            grids = [(label, rank_grid(ranks, part) if ranks else None) for label, ranks in entries]
             if any(g is not None for _, g in grids):
                 panels.append((f"{data}: {title}", grids))
     if not panels:

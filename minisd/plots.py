@@ -30,16 +30,26 @@ def save_figure(figure, path):
     atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=100), suffix=".png")
 
 
-def rank_heatmap(ranks, part, path, title=""):
-    """ranks: {full layer name: rank} -> PNG of `part`'s layers; returns False when it has none."""
+def rank_grid(ranks, part):
+    """ranks: {full layer name: rank} -> (columns: blocks, rows: layers, matrix [rows, columns] with NaN where a
+    block has no such layer) of `part`'s layers, or None when it has none."""
     cells = [(*split_name(part, n), r) for n, r in ranks.items() if n.startswith(PREFIXES[part])]
     if not cells:
-        return False
+        return None
     columns = list(dict.fromkeys(c for c, _, _ in cells))
     rows = list(dict.fromkeys(r for _, r, _ in cells))
     grid = np.full((len(rows), len(columns)), np.nan)
     for c, r, value in cells:
         grid[rows.index(r), columns.index(c)] = value
+    return columns, rows, grid
+
+
+def rank_heatmap(ranks, part, path, title=""):
+    """ranks: {full layer name: rank} -> PNG of `part`'s layers; returns False when it has none."""
+    layout = rank_grid(ranks, part)
+    if layout is None:
+        return False
+    columns, rows, grid = layout
     vmax = int(np.nanmax(grid))
     figure = Figure(figsize=(max(4.0, 0.3 * len(columns) + 3), max(2.5, 0.25 * len(rows) + 1.5)), layout="constrained")
     axes = figure.add_subplot()
