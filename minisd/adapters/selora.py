@@ -87,6 +87,39 @@ def check_lambda(lam):
                           f"every layer at every test), got {lam}")
 
 
+def draw_candidate(in_features, generator=None):
+    """K ~ U(-1/√in, 1/√in) (Kaiming-uniform, a=√5, of a [1, in] row), drawn on the CPU."""
+    bound = 1 / math.sqrt(in_features)
+    return torch.empty(in_features).uniform_(-bound, bound, generator=generator)
+
+
+def fisher_totals(layers):
+    """[L, 2] float64: (ΣF_A + ΣF_B, F_new) per layer, in a few launches on the device (the terms are
+    non-negative: their sum is the 1-norm), to be read with one synchronisation, not one per layer."""
+    layers = list(layers)
+    orig = [torch.stack(torch._foreach_norm([getattr(layer, name) for layer in layers], 1))
+            for name in ("fisher_A", "fisher_B")]
+    new = torch.stack([layer.fisher_new.reshape(()) for layer in layers])
+    return torch.stack([orig[0] + orig[1], new.to(orig[0].dtype)], 1).double()
+
+
+def reset_fishers(layers, generator=None):
+    """`reset_fisher` of every layer in turn (the same candidates), done in place in a few launches where
+    the buffers fit: the accumulators zeroed, the candidates copied into the tensors a captured training
+    step (minisd.graphs) reads."""
+    layers = list(layers)
+    device, dtype = layers[0].lora_A.device, layers[0].lora_A.dtype
+    accumulators = [t for layer in layers for t in (layer.fisher_A, layer.fisher_B, layer.fisher_new, layer.grad_new)]
+    if any(t.device != device or t.dtype != dtype for t in accumulators + [layer.candidate for layer in layers]):
+        for layer in layers:
+            layer.reset_fisher(generator)
+        return
+    draws = torch.cat([draw_candidate(layer.in_features, generator) for layer in layers]).to(dtype)
+    draws = draws.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else draws.to(device)
+    torch._foreach_copy_([layer.candidate for layer in layers], list(draws.split([l.in_features for l in layers])))
+    torch._foreach_zero_(accumulators)
+
+
 def fi_ratio(fisher_orig, fisher_new):
     """(F_orig + F_new) / F_orig, or None when there is no usable information: F_orig zero (no gradient
     reached the layer) or a term not finite (an overflowed fp16 step)."""
@@ -121,12 +154,19 @@ class SeLoRALinear(AdapterLayer):
         """What a tracked backward hands over: per-sample Fisher terms ("sample"), or the gradient of the
         candidate's zero B column, summed until the step's gradients are complete ("batch")."""
         if self.fisher_mode == "batch":
-            self.grad_new = self.grad_new.to(grad_new.device) + grad_new.to(self.grad_new.dtype)
+            self.add_into("grad_new", grad_new)
             return
-        acc = self.fisher_A
-        self.fisher_A = acc.to(fisher_A.device) + fisher_A.to(acc.dtype)
-        self.fisher_B = self.fisher_B.to(fisher_B.device) + fisher_B.to(acc.dtype)
-        self.fisher_new = self.fisher_new.to(fisher_new.device) + fisher_new.to(acc.dtype)
+        for name, term in (("fisher_A", fisher_A), ("fisher_B", fisher_B), ("fisher_new", fisher_new)):
+            self.add_into(name, term)
+
+    def add_into(self, name, term):
+        """Accumulator `name` += term, in place: a captured training step (minisd.graphs) adds into the
+        same storage at every replay."""
+        acc = getattr(self, name)
+        if acc.device != term.device:   # the layer moved since the last reset
+            acc = acc.to(term.device)
+            setattr(self, name, acc)
+        acc.add_(term.to(acc.dtype))
 
     @torch.no_grad()
     def accumulate_batch_fisher(self, loss_scale=1.0):
@@ -135,11 +175,11 @@ class SeLoRALinear(AdapterLayer):
         F_new += ‖g_new‖², all divided by the step's loss scale² so that steps of a window weigh alike."""
         dtype = self.fisher_A.dtype
         if self.lora_A.grad is not None:
-            self.fisher_A = self.fisher_A + (self.lora_A.grad.to(dtype) / loss_scale).square()
+            self.add_into("fisher_A", (self.lora_A.grad.to(dtype) / loss_scale).square())
         if self.lora_B.grad is not None:
-            self.fisher_B = self.fisher_B + (self.lora_B.grad.to(dtype) / loss_scale).square()
-        self.fisher_new = self.fisher_new + (self.grad_new.to(dtype) / loss_scale).square().sum()
-        self.grad_new = torch.zeros_like(self.grad_new)
+            self.add_into("fisher_B", (self.lora_B.grad.to(dtype) / loss_scale).square())
+        self.add_into("fisher_new", (self.grad_new.to(dtype) / loss_scale).square().sum())
+        self.grad_new.zero_()
 
     def fisher_sums(self):
         """(ΣF_A + ΣF_B, F_new) as floats."""
@@ -167,9 +207,7 @@ class SeLoRALinear(AdapterLayer):
     def reset_fisher(self, generator=None):
         """Zero the accumulators; draw a new candidate K ~ U(-1/√in, 1/√in) (Kaiming-uniform, a=√5, of a
         [1, in] row) on the CPU from `generator`, so every process that shares its seed draws the same K."""
-        bound = 1 / math.sqrt(self.in_features)
-        k = torch.empty(self.in_features).uniform_(-bound, bound, generator=generator)
-        self.candidate = k.to(self.lora_A)
+        self.candidate = draw_candidate(self.in_features, generator).to(self.lora_A)
         self.fisher_A = torch.zeros_like(self.lora_A.data)
         self.fisher_B = torch.zeros_like(self.lora_B.data)
         self.fisher_new = self.lora_A.new_zeros(())
@@ -241,10 +279,8 @@ class SeLoRAController:
         whatever λ); returns the growth events, else []."""
         if step % self.every:
             return []
-        sums = torch.tensor([layer.fisher_sums() for layer in self.layers.values()], dtype=torch.float64)
+        sums = fisher_totals(self.layers.values())
         if self.distributed and self.fisher == "sample":   # batch terms come from already averaged gradients
-            device = next(iter(self.layers.values())).lora_A.device
-            sums = sums.to(device)
             torch.distributed.all_reduce(sums)
         events = []
         for (name, layer), (orig, new) in zip(self.layers.items(), sums.tolist()):
@@ -252,8 +288,7 @@ class SeLoRAController:
             if ratio is not None and ratio >= self.lam and layer.rank < self.cap(layer):
                 layer.expand(optimizer)
                 events.append({"step": step, "layer": name, "ratio": ratio, "rank": layer.rank})
-        for layer in self.layers.values():
-            layer.reset_fisher(self.generator)
+        reset_fishers(self.layers.values(), self.generator)
         return events
 
     def ranks(self):
@@ -266,8 +301,8 @@ class SeLoRAController:
         return {
             "generator": self.generator.get_state(),
             "layers": {
-                name: {"rank": layer.rank, "candidate": layer.candidate.cpu(), "fisher_A": layer.fisher_A.cpu(),
-                       "fisher_B": layer.fisher_B.cpu(), "fisher_new": layer.fisher_new.cpu()}
+                name: {"rank": layer.rank, **{key: getattr(layer, key).detach().cpu().clone()
+                                               for key in ("candidate", "fisher_A", "fisher_B", "fisher_new")}}
                 for name, layer in self.layers.items()
             },
         }
