@@ -9,6 +9,7 @@ from minisd.cxr.model import native_resolution
 from minisd.errors import MinisdError
 from minisd.files import clear_outputs
 from minisd.images import captioned_grid, save_png
+from minisd.layout import prepare_for_sampling
 from minisd.sampling import ddim_sample
 
 
@@ -80,6 +81,7 @@ def main(argv=None):
     if adapter:
         from minisd.adapters import load_adapter
         load_adapter(sd, adapter)
+    prepare_for_sampling(sd, device)
     default_size = native_resolution(model) or (128 if model == "tiny" else 512)
     images = ddim_sample(sd, prompts, negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance,
                          height=args.height or default_size, width=args.width or default_size, seed=args.seed,

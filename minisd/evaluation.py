@@ -148,6 +148,7 @@ def latest_run(runs="runs"):
 def evaluate_model(args, device):
     from .cxr.model import native_resolution
     from .data import load_dataset, load_manifest
+    from .layout import prepare_for_sampling
     from .sampling import ddim_sample
     resolution = args.resolution or native_resolution(args.model) or 224
     data_root = args.data_root or os.path.join("data", args.data)
@@ -165,6 +166,7 @@ def evaluate_model(args, device):
     if args.adapter:
         from .adapters import load_adapter
         load_adapter(sd, args.adapter)
+    prepare_for_sampling(sd, device)
     out, per_seed, generated = Path(args.out), {}, []
     for seed in args.seeds:
         noise_seed = seed * len(prompts)
