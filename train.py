@@ -37,7 +37,7 @@ TINY_DEFAULTS = {"max_steps": 80, "resolution": 128, "val_max": 64}
 # gradients. Flags given on the command line override a preset's values.
 PRESETS = {"authors": {"alpha": 8.0, "lam": 1.3, "cfg_dropout": 0.0, "fisher": "batch"}}
 NEWER_FLAGS = ("data_seed", "fisher", "preset", "val_every", "tensorboard", "window", "split",
-               *stage_args.STAGE_FLAGS, "stage")   # absent from older runs' records
+               *stage_args.STAGE_FLAGS, "stage", "cache_latents", "cache_latents_to_disk")   # absent from older runs' records
 
 
 def parser():
@@ -83,6 +83,11 @@ def parser():
                    help="linear window for DICOM films, in place of their own VOI LUT or window")
     p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="autocast precision; adapters stay fp32")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward to save memory")
+    p.add_argument("--cache-latents", action=argparse.BooleanOptionalAction, default=True,
+                   help="encode every training image once before training (and, with --freeze-text-encoder, "
+                        "every prompt); --no-cache-latents encodes each batch at every step")
+    p.add_argument("--cache-latents-to-disk", action="store_true",
+                   help="also keep the encoded latents in the run folder, so that --resume does not encode again")
     p.add_argument("--cfg-dropout", type=float, default=0.0,
                    help="probability of training on the empty prompt (the paper, diffusers and kohya: 0)")
     p.add_argument("--val-max", type=int,
@@ -183,21 +188,22 @@ def resume_args(args, given):
     # validated at every epoch's end
     saved.update(data_seed=data_seed_of(saved), fisher=saved.get("fisher", "sample"), preset=saved.get("preset"),
                  val_every=saved.get("val_every", 1), tensorboard=saved.get("tensorboard", False),
-                 window=saved.get("window"))
+                 window=saved.get("window"), cache_latents=saved.get("cache_latents", True),
+                 cache_latents_to_disk=saved.get("cache_latents_to_disk", False))
     saved.update({name: saved.get(name) for name in ("split", "stage", *stage_args.STAGE_FLAGS)})
     changed = sorted(k for k in given - RESUME_FLAGS if getattr(args, k) != saved[k])
     if changed:
         flag = changed[0]
         raise MinisdError(f"--resume continues a run with its recorded arguments: --{flag.replace('_', '-')} "
                           f"{getattr(args, flag)} differs from the run's {saved[flag]} (only --device, --workers, "
-                          f"--tensorboard, and --max-steps or --epochs to extend it, can change)")
+                          f"--tensorboard, the latent caching flags, and --max-steps or --epochs to extend it, can change)")
     resumed = argparse.Namespace(**saved)
     try:
         check(resumed)
     except MinisdError as e:   # a hand-edited value out of range
         raise MinisdError(f"--resume {name}: {os.path.join(folder, 'args.json')}: {e}") from None
     resumed.run_name, resumed.adapter = name, os.path.join(folder, "adapter.safetensors")
-    for key in ("max_steps", "epochs", "tensorboard"):
+    for key in ("max_steps", "epochs", "tensorboard", "cache_latents", "cache_latents_to_disk"):
         if key in given:
             setattr(resumed, key, getattr(args, key))
     if "epochs" in given and "max_steps" not in given:

@@ -76,6 +76,10 @@ class ImageTextDataset(torch.utils.data.Dataset):
             return {"image": image, "prompt": sample.prompt, "id": sample.id}
         raise MinisdError(f"{self.name} at {self.root}: no image of split {self.split!r} can be decoded")
 
+    def prompt(self, index):
+        """Item `index`'s prompt, without reading its image."""
+        return self.samples[index].prompt
+
     def manifest(self):
         return [{"id": s.id, "file": s.file, "prompt": s.prompt} for s in self.samples]
 
@@ -116,6 +120,9 @@ class PhantomDataset(ImageTextDataset):
 
     def sample_id(self, index):
         return f"phantom-{self.seed}-{self.start + index:05d}"
+
+    def prompt(self, index):
+        return phantom.report(phantom.make_case(self.seed, self.start + index))
 
     def manifest(self):
         return [{"id": self.sample_id(i), "file": "",

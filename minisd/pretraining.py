@@ -185,7 +185,7 @@ class VAETrainer(StageTrainer):
         """A micro-batch's noise of the latent sample, sliced to this process."""
         noise = torch.randn(self.global_batch, *shape, generator=self.generator)
         lo = self.rank * self.args.batch_size
-        return {"latent": noise[lo:lo + self.args.batch_size].to(self.device)}
+        return {"latent": noise[lo:lo + self.args.batch_size]}
 
     def terms(self, images, noise):
         """(reconstruction MSE, KL to N(0, I), posterior mean, latent sample) of images in [-1, 1]; MSE and KL are
@@ -200,10 +200,9 @@ class VAETrainer(StageTrainer):
         kl = 0.5 * (mean.square() + logvar.exp() - 1 - logvar).mean()
         return recon, kl, mean, z
 
-    def loss(self, items, draws, with_grad=True):
-        images = torch.stack([it["image"] for it in items]).to(self.device)
+    def loss(self, batch, draws, with_grad=True):
         with torch.set_grad_enabled(with_grad):
-            recon, kl, _, _ = self.terms(images, draws["latent"])
+            recon, kl, _, _ = self.terms(batch["images"], draws["latent"])
         return recon + self.args.kl_weight * kl
 
     @torch.no_grad()

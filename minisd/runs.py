@@ -26,8 +26,10 @@ LOCK = ".lock"
 # What a run writes; a restart of a run that never reached a checkpoint clears these.
 OUTPUTS = ("args.json", "log.jsonl", "manifest_*.jsonl", "adapter*.safetensors", "ranks_*.png", "loss.png",
            "samples/*.png", "tensorboard", "vae", "vae_last", "model", "model_last")
-# What a resumed run may change: where it runs, for how long and what it logs, not what a step computes.
-PLACE_ARGS = ("run_name", "adapter", "device", "workers", "max_steps", "epochs", "tensorboard")
+# What a resumed run may change: where it runs, for how long, what it logs and whether it caches latents,
+# not what a step computes.
+PLACE_ARGS = ("run_name", "adapter", "device", "workers", "max_steps", "epochs", "tensorboard", "cache_latents",
+              "cache_latents_to_disk")
 TENSORBOARD_SCALARS = {"loss": "train/loss", "val_loss": "val/loss", "lr": "train/lr", "total_rank": "train/total_rank",
                        "images_per_s": "train/images_per_s"}
 

@@ -15,11 +15,12 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from . import adapters
+from . import adapters, graphs
 from .checkpoint.files import first_line
 from .cli import split_fractions
 from .data import load_dataset, summary
 from .errors import MinisdError
+from .layout import prepare_for_training
 from .measures import Measures
 from .model import load
 from .optim import Adam
@@ -27,7 +28,8 @@ from .plots import loss_curve, rank_heatmap
 from .progress import TrainingBar
 from .runs import PLACE_ARGS, Run, atomic_torch_save, check_recorded_args, read_log
 from .sampling import add_noise, alphas_cumprod, ddim_sample
-from .stopping import Interrupted, StopRequests, ignore_stop_signals
+from .step_inputs import StepInputs
+from .stopping import Interrupted, StopRequests
 
 AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 CHECKPOINT_KEYS = ("step", "trainable", "optimizer", "scaler", "generator", "torch_rng", "best_val", "rank_history",
@@ -63,10 +65,6 @@ def average_gradients(params, world, extra=()):
         offset += g.numel()
 
 
-def as_list(items):
-    return items
-
-
 def validation_due(step, steps_per_epoch, every, total):
     """Validate at an epoch's end, at most every `every` steps (the first epoch end past each multiple of
     `every`), and at the last step: a pure function of the step, so a resumed run validates where the
@@ -80,8 +78,9 @@ def trainable_state(sd):
     return {name: p.detach().cpu().clone() for name, p in sd.named_parameters() if p.requires_grad}
 
 
-class Trainer:
+class Trainer(StepInputs):
     LOSS = "ε-prediction MSE"   # what the loss curve shows
+
     def __init__(self, args, run_path, resume):
         self.args = args
         self.rank, self.world, self.device = setup_distributed(args.device)
@@ -92,6 +91,7 @@ class Trainer:
 
         self.resume = resume
         self.setup_model()
+        prepare_for_training(self.sd, self.autocast, self.device)
 
         # The split is the data's (--data-seed, --split), never the run's --seed: runs with other seeds share a test set.
         self.train_set = self.load_split("train")
@@ -106,11 +106,21 @@ class Trainer:
         self.params = [p for p in self.sd.parameters() if p.requires_grad]
         self.scaler = torch.amp.GradScaler("cuda", enabled=args.precision == "fp16")
         self.setup_optimizer()
+        # A captured step (minisd.graphs) replays fixed kernels: no loss scaling (it skips steps by reading
+        # the gradients on the host), no collectives, no per-step Python decisions (DyLoRA, AdaLoRA, a
+        # learning-rate schedule).
+        capture = (graphs.BACKEND.available(self.device) and self.world == 1 and args.precision != "fp16"
+                   and args.method in ("lora", "selora"))
+        self.inputs = graphs.StaticInputs(self.device)
+        self.replayer = graphs.Replayer(self.compute, self.device, name="training step") if capture else None
         self.generator = torch.Generator().manual_seed(args.seed)
         self.ac = alphas_cumprod(self.sd.schedule).to(self.device)
         self.step, self.best_val, self.rank_history, self.val_fields = 0, math.inf, [], {}
         self.measures = Measures(self.device)
         self.stop = StopRequests()
+        self.train_latents = self.val_latents = self.prompt_cache = None
+        self.train_prompts, self.tokens = {}, {}
+        self.pending, self.bar, self.shown, self.launched_at = [], None, {}, time.perf_counter()
         if resume:
             self.load_checkpoint()
         self.run.open_log(keep_until_step=self.step if resume else None)
@@ -163,90 +173,107 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------ a step
 
-    def batch_indices(self, step, micro):
-        """Dataset indices of this process's share of micro-batch `micro` of optimizer step `step` (1-based):
-        each epoch walks a permutation seeded by (seed, epoch), dropping the incomplete tail."""
-        epoch, within = divmod(step - 1, self.steps_per_epoch)
-        order = torch.randperm(len(self.train_set), generator=torch.Generator().manual_seed(self.args.seed * 100003 + epoch))
-        start = (within * self.args.grad_accum + micro) * self.global_batch + self.rank * self.args.batch_size
-        return order[start:start + self.args.batch_size].tolist()
-
-    def draws(self, shape):
-        """Randomness of one global micro-batch, sliced to this process."""
-        g, n = self.generator, self.global_batch
-        d = {"latent": torch.randn(n, *shape, generator=g), "t": torch.randint(0, 1000, (n,), generator=g),
-             "noise": torch.randn(n, *shape, generator=g), "drop": torch.rand(n, generator=g) < self.args.cfg_dropout}
-        lo = self.rank * self.args.batch_size
-        return {k: v[lo:lo + self.args.batch_size].to(self.device) for k, v in d.items()}
-
-    def batches(self):
-        """This process's micro-batches from the next step to the end, loaded ahead by `--workers`
-        processes; the order is fixed by batch_indices, so prefetching changes nothing."""
-        plan = [self.batch_indices(step, micro) for step in range(self.step + 1, self.total_steps + 1)
-                for micro in range(self.args.grad_accum)]
-        return iter(torch.utils.data.DataLoader(self.train_set, batch_sampler=plan, collate_fn=as_list,
-                                                num_workers=self.args.workers, pin_memory=self.device.startswith("cuda"),
-                                                worker_init_fn=ignore_stop_signals))
-
     def autocast_ctx(self):
+        # no weight cache: a captured step must cast inside its graph (and the frozen weights are cast already)
         device_type = "cuda" if self.device.startswith("cuda") else "cpu"
-        return torch.autocast(device_type, dtype=self.autocast, enabled=self.autocast is not None)
+        return torch.autocast(device_type, dtype=self.autocast, enabled=self.autocast is not None, cache_enabled=False)
 
-    def loss(self, items, draws, with_grad=True):
-        images = torch.stack([it["image"] for it in items]).to(self.device)
-        prompts = ["" if drop else it["prompt"] for it, drop in zip(items, draws["drop"].tolist())]
-        with torch.no_grad(), self.autocast_ctx():
-            mean, logvar = self.sd.vae.encode(images)
-        latents = (mean.float() + (0.5 * logvar.float()).exp() * draws["latent"]) * self.sd.vae.scaling_factor
+    # ------------------------------------------------------------------------------------ a step
+
+    def loss(self, batch, draws, with_grad=True):
+        if "images" in batch:
+            with torch.no_grad(), self.autocast_ctx():
+                mean, logvar = self.sd.vae.encode(batch["images"])
+            mean, logvar = mean.float(), logvar.float()
+        else:
+            mean, logvar = batch["mean"], batch["logvar"]
+        latents = (mean + (0.5 * logvar).exp() * draws["latent"]) * self.sd.vae.scaling_factor
         noisy = add_noise(latents, draws["noise"], draws["t"], self.ac)
         with torch.set_grad_enabled(with_grad), self.autocast_ctx():
-            context = self.sd.text_encoder(self.sd.tokenizer(prompts).to(self.device))
+            context = batch["context"] if "context" in batch else self.sd.text_encoder(batch["ids"])
             eps = self.sd.unet(noisy, draws["t"], context)
         return F.mse_loss(eps.float(), draws["noise"])
 
-    def train_step(self, batches):
-        step = self.step + 1
-        if self.args.method == "selora":
-            self.controller.begin_step(step)
-        if self.args.method == "dylora":
-            adapters.sample_dylora_rank(self.layers.values(), self.generator)
-        latent_shape = (self.sd.config.vae.z_channels, self.args.resolution // 8, self.args.resolution // 8)
-        total = 0.0
-        for micro in range(self.args.grad_accum):
-            items = next(batches)
-            loss = self.loss(items, self.draws(latent_shape))
+    def compute(self):
+        """Forward, backward and optimizer step on the micro-batches in self.inputs -> the step's mean loss
+        (a device tensor). Host work free, so that on a GPU it is captured and replayed (minisd.graphs)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        k, total = self.args.grad_accum, None
+        for micro in range(k):
+            batch, draws = self.device_batch({name: value[micro] for name, value in self.inputs.items()},
+                                             self.train_latents)
+            loss = self.loss(batch, draws)
             if self.args.method == "adalora":
                 loss = loss + self.controller.regularizer()
-            self.check_finite(loss, step)
-            self.scaler.scale(loss / self.args.grad_accum).backward()
-            total += loss.item() / self.args.grad_accum
+            self.scaler.scale(loss / k).backward()
+            total = loss.detach() / k if total is None else total + loss.detach() / k
         candidates = self.controller.batch_gradients() if self.args.method == "selora" else []
         average_gradients(self.params, self.world, candidates)
         if candidates:   # the batch estimator squares the complete gradients, still loss-scaled
             self.controller.end_backward(self.scaler.get_scale() if self.scaler.is_enabled() else 1.0)
         if self.world > 1:
-            mean_loss = torch.tensor([total], device=self.device)
-            dist.all_reduce(mean_loss)
-            total = mean_loss.item() / self.world
+            dist.all_reduce(total)
+            total = total / self.world
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        return total
+
+    def graph_key(self, tracking):
+        """What a captured step bakes in: every tensor it reads or updates in place, and Python settings."""
+        state = [v for p in self.params for v in self.optimizer.state.get(p, {}).values() if torch.is_tensor(v)]
+        tensors = [*self.params, *state, *self.inputs.values()]
+        if self.args.method == "selora":
+            tensors += [getattr(layer, name) for layer in self.layers.values()
+                        for name in ("candidate", "fisher_A", "fisher_B", "fisher_new")]
+        return tracking, self.optimizer.param_groups[0]["lr"], graphs.tensor_key(tensors)
+
+    def train_step(self, batches):
+        """Launch one optimizer step -> (its loss as a device tensor, SeLoRA growth events)."""
+        step = self.step + 1
+        tracking = False
+        if self.args.method == "selora":
+            self.controller.begin_step(step)
+            tracking = self.controller.tracking(step)
+        if self.args.method == "dylora":
+            adapters.sample_dylora_rank(self.layers.values(), self.generator)
+        latent_shape = (self.sd.config.vae.z_channels, self.args.resolution // 8, self.args.resolution // 8)
+        micro = []
+        for _ in range(self.args.grad_accum):
+            data, draws = next(batches), self.draws(latent_shape)
+            drop = draws.pop("drop", None)
+            micro.append({**self.host_inputs(data, drop, self.train_latents, self.train_prompts.get), **draws})
+        self.inputs.fill({name: torch.stack([m[name] for m in micro]) for name in micro[0]})
+        if self.replayer is not None:
+            loss = self.replayer(self.graph_key(tracking)).clone()   # the graph's output is overwritten by the next replay
+        else:
+            loss = self.compute()
         events = []
         if self.args.method == "selora":
             events = self.controller.end_step(step, self.optimizer)
         elif self.args.method == "adalora":
             self.controller.update_and_allocate(step)
-        self.optimizer.zero_grad(set_to_none=True)
         self.step = step
-        return total, events
+        return loss, events
 
-    def check_finite(self, loss, step):
-        bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=self.device)
-        if self.world > 1:
-            dist.all_reduce(bad)
-        if bad.item():
-            last = self.run.file("checkpoint.pt")
-            raise MinisdError(f"non-finite loss at step {step}; stopped with the last good checkpoint "
-                              f"{last if os.path.exists(last) else '(none yet)'} intact — try --precision bf16/fp32 or a lower --lr")
+    def settle(self, keep=0):
+        """Log the launched steps but the newest `keep`. Reading a step's loss waits for that step, so the
+        loop reads each one only after the next is queued; a non-finite loss stops the run here, before
+        any checkpoint could hold its update."""
+        while len(self.pending) > keep:
+            step, loss, record, shown, events, seconds = self.pending.pop(0)
+            loss, rate = loss.item(), self.global_batch * self.args.grad_accum / max(seconds, 1e-9)
+            if not math.isfinite(loss):
+                last = self.run.file("checkpoint.pt")
+                raise MinisdError(f"non-finite loss at step {step}; stopped with the last good checkpoint "
+                                  f"{last if os.path.exists(last) else '(none yet)'} intact — try --precision bf16/fp32 or a lower --lr")
+            self.run.log({"step": step, "loss": loss, "images_per_s": rate, **record})
+            for e in events:
+                self.run.log({"event": "expand", **e})
+            if self.bar is not None:
+                self.bar.set_postfix(loss=f"{loss:.4f}", **shown, img_s=f"{rate:.1f}", **self.shown)
+                self.bar.step_done(seconds)
+                if events and self.run.writer:
+                    self.bar.write(f"step {step}: {len(events)} layers grew; total rank {record['total_rank']}")
 
     # ------------------------------------------------------------------------------ validation
 
@@ -261,21 +288,26 @@ class Trainer:
         """Mean loss over the validation split with fixed draws (the same every time), and a sample grid."""
         if self.args.method == "dylora":
             adapters.set_dylora_rank(self.layers.values(), None)
-        val_loss = None
-        if self.val_set is not None and len(self.val_set):
+        if self.replayer is not None:
+            self.replayer.release()   # the captured step's memory, while sampling needs some
+        val_loss, n = None, self.val_count()
+        if n:
             g = torch.Generator().manual_seed(self.args.seed + 1)
             shape = (self.sd.config.vae.z_channels, self.args.resolution // 8, self.args.resolution // 8)
-            losses, n = [], min(len(self.val_set), self.args.val_max or len(self.val_set))
+            losses = []
             for start in range(0, n, self.args.batch_size):
-                items = [self.val_set[i] for i in range(start, min(n, start + self.args.batch_size))]
-                b = len(items)
+                indices = list(range(start, min(n, start + self.args.batch_size)))
+                b = len(indices)
                 draws = {"latent": torch.randn(b, *shape, generator=g), "t": torch.randint(0, 1000, (b,), generator=g),
-                         "noise": torch.randn(b, *shape, generator=g), "drop": torch.zeros(b, dtype=torch.bool)}
-                draws = {k: v.to(self.device) for k, v in draws.items()}
-                losses.append(self.loss(items, draws, with_grad=False).item() * b)
+                         "noise": torch.randn(b, *shape, generator=g)}
+                data = indices if self.val_latents is not None else [self.val_set[i] for i in indices]
+                x = {**self.host_inputs(data, torch.zeros(b, dtype=torch.bool), self.val_latents, self.val_set.prompt), **draws}
+                batch, draws = self.device_batch({k: graphs.to_device(v, self.device) for k, v in x.items()},
+                                                 self.val_latents)
+                losses.append(self.loss(batch, draws, with_grad=False).item() * b)
             val_loss = sum(losses) / n
         source = self.val_set if self.val_set is not None and len(self.val_set) else self.train_set
-        prompts = [source[i]["prompt"] for i in range(min(self.args.val_images, len(source)))]
+        prompts = [source.prompt(i) for i in range(min(self.args.val_images, len(source)))]
         if prompts:
             with self.autocast_ctx():
                 images = ddim_sample(self.sd, prompts, steps=self.args.val_steps, height=self.args.resolution,
@@ -315,6 +347,7 @@ class Trainer:
             ds.write_manifest(self.run.file(f"manifest_{split}.jsonl"))
 
     def save_checkpoint(self):
+        self.settle()   # never a checkpoint past a step whose loss was not checked
         if not self.run.writer:
             return
         state = {"method": self.args.method, "fingerprint": self.fingerprint, "step": self.step,
@@ -421,36 +454,36 @@ class Trainer:
             print(summary(self.train_set))
             print(f"{self.description()}; {self.total_steps} steps of {self.global_batch * a.grad_accum} images")
             self.write_manifests()
-        bar = TrainingBar(self.total_steps, self.step, self.validations_after, disable=not self.run.writer)
-        val_loss, batches, shown = None, self.batches(), {}
+        self.cache_inputs()
+        self.bar = TrainingBar(self.total_steps, self.step, self.validations_after, disable=not self.run.writer)
+        val_loss, batches = None, self.batches()
+        self.launched_at = time.perf_counter()
         while self.step < self.total_steps:
-            start = time.perf_counter()
             loss, events = self.train_step(batches)
-            seconds = time.perf_counter() - start
-            rate = self.global_batch * a.grad_accum / seconds
+            # launch to launch: the host runs at most one step ahead of the device, so this is the step's time
+            now = time.perf_counter()
+            seconds, self.launched_at = now - self.launched_at, now
             self.rank_history.extend(events)
-            self.run.log({"step": self.step, "loss": loss, "lr": self.optimizer.param_groups[0]["lr"],
-                          "images_per_s": rate, **self.step_fields()})
-            for e in events:
-                self.run.log({"event": "expand", **e})
-            bar.set_postfix(loss=f"{loss:.4f}", **self.shown_fields(), img_s=f"{rate:.1f}", **shown)
-            bar.step_done(seconds)
-            if events and self.run.writer:
-                bar.write(f"step {self.step}: {len(events)} layers grew; total rank {self.total_rank()}")
+            record = {"lr": self.optimizer.param_groups[0]["lr"], **self.step_fields()}
+            self.pending.append((self.step, loss, record, self.shown_fields(), events, seconds))
+            self.settle(keep=1)   # the previous step's loss, read while this one runs
             validate = self.validation_due(self.step)
-            if validate:
-                with bar.validating():
-                    val_loss = self.end_of_validation_period()
-                if val_loss is not None:
-                    shown = {"val": f"{val_loss:.4f}"}
-                    bar.write(f"step {self.step}: validation loss {val_loss:.4f} (best {self.best_val:.4f})")
             signum = self.stop.requested(self.world, self.device)
             if validate or self.step % a.save_every == 0 or signum:
+                self.settle()
+                if validate:
+                    with self.bar.validating():
+                        val_loss = self.end_of_validation_period()
+                    if val_loss is not None:
+                        self.shown = {"val": f"{val_loss:.4f}"}
+                        self.bar.write(f"step {self.step}: validation loss {val_loss:.4f} (best {self.best_val:.4f})")
                 self.save_checkpoint()
+                self.launched_at = time.perf_counter()   # step times count training only
             if signum and self.step < self.total_steps:
-                bar.close()
+                self.bar.close()
                 raise Interrupted(signum, self.step)
-        bar.close()
+        self.settle()
+        self.bar.close()
         if self.run.writer:
             self.finish(val_loss)
         if self.world > 1:

@@ -1,0 +1,93 @@
+"""Latents once: training from the pre-pass's cache equals encoding at every step; each file is decoded once."""
+import csv
+import json
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from helpers import load_script
+
+ARGS = ["--model", "tiny", "--resolution", "64", "--batch-size", "2", "--expand-every", "2", "--val-max", "2",
+        "--val-images", "0", "--cfg-dropout", "0.5"]
+
+
+def train(monkeypatch, cwd, *flags):
+    """train.py in this process; returns the run folder's step losses and final adapter."""
+    monkeypatch.chdir(cwd)
+    load_script("train.py").main([*ARGS, *flags])
+    name = flags[flags.index("--run-name") + 1]
+    with open(cwd / "runs" / name / "log.jsonl") as f:
+        losses = [r["loss"] for r in map(json.loads, f) if "loss" in r]
+    return losses, load_file(cwd / "runs" / name / "adapter_last.safetensors")
+
+
+def test_cached_latents_and_prompts_train_like_encoding_at_every_step(tmp_path, monkeypatch):
+    """The same draws from the run's generator on the same latent distributions: the same run, up to the
+    rounding of encoding images (and prompts) in other batches."""
+    common = ["--data", "phantom", "--max-steps", "4", "--freeze-text-encoder"]
+    cached = train(monkeypatch, tmp_path, *common, "--run-name", "cached")
+    encoded = train(monkeypatch, tmp_path, *common, "--no-cache-latents", "--run-name", "encoded")
+    assert cached[0] == pytest.approx(encoded[0], rel=1e-5)
+    assert cached[1].keys() == encoded[1].keys() and len(cached[1]) > 0
+    for name, value in cached[1].items():
+        assert value.shape == encoded[1][name].shape, name   # the same growth decisions
+        assert torch.allclose(value, encoded[1][name], rtol=1e-4, atol=1e-7), name
+
+
+def folder_data(root, splits):
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    with open(root / "metadata.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["file_name", "text", "split"])
+        for k, split in enumerate(s for s, count in splits.items() for _ in range(count)):
+            Image.fromarray(rng.integers(0, 256, (40, 48), dtype=np.uint8)).save(root / f"{k}.png")
+            writer.writerow([f"{k}.png", f"film {k % 3}", split])
+
+
+def test_the_pre_pass_decodes_each_file_once(tmp_path, monkeypatch):
+    from minisd import data
+    folder_data(tmp_path / "films", {"train": 10, "val": 3})
+    decoded = Counter()
+    load_image = data.load_image
+
+    def counting(path, resolution):
+        decoded[path.name] += 1
+        return load_image(path, resolution)
+
+    monkeypatch.setattr(data, "load_image", counting)
+    # 2 epochs over the training split (5 steps each), and a validation loss on 2 images at each epoch's end
+    train(monkeypatch, tmp_path, "--data", "folder", "--data-root", str(tmp_path / "films"), "--max-steps", "10",
+          "--run-name", "films")
+    manifest = lambda split: [json.loads(line)["file"] for line in open(tmp_path / "runs" / "films" / f"manifest_{split}.jsonl")]  # noqa: E731
+    used = manifest("train") + manifest("val")[:2]
+    assert sorted(decoded) == sorted(used) and set(decoded.values()) == {1}
+
+
+def test_disk_cache_is_reused_only_for_the_same_vae(tmp_path, monkeypatch):
+    import minisd
+    from minisd import latents
+    from minisd.data import load_dataset
+    ds = load_dataset("phantom", split="val", resolution=32)
+    encoded = []
+    encode_images = latents.encode_images
+    monkeypatch.setattr(latents, "encode_images", lambda *a, **k: encoded.append(len(a[2])) or encode_images(*a, **k))
+    path = tmp_path / "latents_val.safetensors"
+
+    def cache(sd, indices):
+        return latents.build_latent_cache(sd, ds, indices, 2, lambda: torch.autocast("cpu", enabled=False), "fp32",
+                                          path=str(path), show=False)
+
+    sd = minisd.build("tiny", seed=0)
+    first = cache(sd, [4, 1, 3])
+    again = cache(sd, [3, 1])   # a subset of what the file holds: read back, not encoded
+    assert encoded == [3]
+    rows = again.rows([1, 3])
+    assert torch.equal(again.mean[rows], first.mean[first.rows([1, 3])])
+    assert torch.equal(again.logvar[rows], first.logvar[first.rows([1, 3])])
+    cache(minisd.build("tiny", seed=1), [3, 1])   # another VAE: encoded again
+    assert encoded == [3, 2]
