@@ -41,6 +41,9 @@ class CudaGraphs:
         current.wait_stream(side)
         return out
 
+    def synchronize(self):
+        torch.cuda.synchronize()
+
     def capture(self, fn):
         """(graph, fn's outputs): fn recorded, not run; graph.replay() runs it."""
         graph = torch.cuda.CUDAGraph()
@@ -91,6 +94,8 @@ class Replayer:
         return self.backend.eager(self.fn)
 
     def release(self):
+        if self.graph is not None:   # its memory pool goes back to the allocator: let its last replay finish
+            self.backend.synchronize()
         self.graph = self.outputs = self.key = None
 
 
