@@ -52,3 +52,43 @@ def target(name, figure, unit, goal, met):
     """One entry of a bench JSON's "targets": the figure measured against the goal the project set for it
     (figure and met None when it could not be measured)."""
     return {"name": name, "figure": figure, "unit": unit, "target": goal, "met": None if figure is None else bool(met)}
+
+
+def save_results(path, env, targets, **results):
+    """Rewrite the JSON at `path` with everything measured so far."""
+    write_json(path, {"environment": env, "targets": targets, **results})
+
+
+def peak_memory(device, baseline):
+    """Bytes allocated at the peak since the last reset, above `baseline` (what was allocated before)."""
+    return torch.cuda.max_memory_allocated() - baseline if str(device).startswith("cuda") else None
+
+
+def reset_peak_memory(device):
+    """Start a peak-memory measurement; returns the baseline for peak_memory."""
+    if not str(device).startswith("cuda"):
+        return None
+    sync(device)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    return torch.cuda.memory_allocated()
+
+
+def diffusers_models(sd, dtype, device):
+    """diffusers' UNet2DConditionModel and AutoencoderKL and transformers' CLIPTextModel holding sd's weights,
+    converted by minisd's own diffusers-name mapping (what save_diffusers writes)."""
+    import diffusers
+    import transformers
+    from minisd.checkpoint.writing import diffusers_configs, diffusers_state_dict
+    configs = diffusers_configs(sd.config)
+    models = {"unet": diffusers.UNet2DConditionModel.from_config(configs["unet"]),
+              "vae": diffusers.AutoencoderKL.from_config(configs["vae"]),
+              "text_encoder": transformers.CLIPTextModel(transformers.CLIPTextConfig(**configs["text_encoder"]))}
+    for part in sd.parts():
+        tensors, expected = diffusers_state_dict(sd, part), models[part].state_dict()
+        if not expected.keys() & tensors.keys():   # transformers 5 names CLIPTextModel's keys without `text_model.`
+            tensors = {name.removeprefix("text_model."): value for name, value in tensors.items()}
+        missing, unexpected = models[part].load_state_dict(tensors, strict=False)
+        if unexpected or [k for k in missing if not k.endswith("position_ids")]:
+            raise RuntimeError(f"{part}: weights do not map onto diffusers' model ({(unexpected or missing)[0]})")
+    return {part: m.to(device=device, dtype=dtype).eval().requires_grad_(False) for part, m in models.items()}

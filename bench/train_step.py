@@ -1,36 +1,52 @@
-"""Training-step throughput and peak memory: SeLoRA at a test step (Fisher terms on) and between tests, vs
-plain LoRA with the same per-layer ranks, on an SD-1.5-size model with random weights.
+"""Training step: images/s and peak memory of minisd's step against diffusers' train_text_to_image_lora.py
+recipe, on an SD-1.5-size model with random weights, bf16, batch 8, at 224 and 512 px; SeLoRA at a test step
+against plain LoRA of the same per-layer ranks; and the paper's IU X-Ray fine-tune projected from the parts.
 
-The step is minisd.training's Trainer.loss + Trainer.train_step, written out here because a Trainer
-builds a data set and a run folder from its arguments and loads its model from a file or hub id, so
-it cannot hold random SD-1.5 weights: VAE encode without grad and a latent sample, noise at random
-timesteps, text encoder on the tokenised prompts and U-Net under autocast, MSE against the noise,
-backward, Adam step, and for SeLoRA the controller's begin_step / end_step around it. Images are random
-tensors already on the device, so no data loading is timed. Every SeLoRA layer is grown to --rank first;
-LoRA is injected at --rank into a fresh model. At a test step the controller tracks Fisher terms and
-computes every FI-ratio (λ = ∞, so no layer grows and the ranks stay equal); between tests it does neither.
-Peak memory is torch.cuda.max_memory_allocated over a row's steps: weights, activations and Adam state.
+minisd: train.py's own Trainer step after its pre-pass — latents (and nothing else: the text encoder is
+adapted) from the cache, frozen weights in bf16, channels_last, the step captured as a CUDA graph and
+replayed, each step's loss read while the next one runs (as the training loop does). Rows: SeLoRA between
+tests; SeLoRA at a test step (Fisher terms tracked, every FI-ratio read back, λ = ∞ so that nothing grows and
+the test step is itself captured); LoRA with every layer at --rank (SeLoRA's layers are grown to --rank
+first); and, to show what each part buys, SeLoRA between tests eager (no CUDA graph) and without channels_last.
+diffusers + peft: diffusers' UNet2DConditionModel and AutoencoderKL and transformers' CLIPTextModel holding the
+same weights (converted by minisd's diffusers-name mapping), peft LoRA r = --rank (alpha = r, dropout 0) on the
+same modules minisd adapts (every nn.Linear of the U-Net and the text encoder), trained as the script trains:
+frozen weights in bf16, LoRA parameters in fp32, bf16 autocast, the VAE encoding the batch and sampling its
+latents at every step, AdamW, gradient clipping at 1.0, the loss read every step. Its images and token ids
+are already on the device; minisd's images come from the phantom set through the pre-pass (not timed).
+Peak memory is torch.cuda.max_memory_allocated above what was allocated before each contender was built.
 
-    python bench/train_step.py --grad-checkpointing --json train_step.json   # GPU: sd15, 224 + 512 px, batch 8, bf16
-    python bench/train_step.py --config tiny --device cpu --resolutions 64 --batch-size 2 --steps 2   # smoke run
+The projection: the paper's fine-tune — 2,640 training images, 3,300 steps of 8 at 224 px, a SeLoRA test every
+40 steps, 10 validations (the loss on 528 validation images and a grid of 4 images × 25 DDIM steps) — from
+measured parts: the pre-pass (decoding a synthetic 512² film with 4 loader processes, and VAE encoding), the
+captured step, a test period (the test step eager with every layer growing, the next step's warm-up and
+capture), the validation loss per image and the grid's sampling. Loading the model is not counted.
+
+    python bench/train_step.py --json results/train_step.json    # H100/H200, about 3 minutes
+    python bench/train_step.py --smoke                           # CPU rehearsal with the tiny model
 """
 import argparse
+import copy
 import math
 import os
 import sys
+import tempfile
+import time
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
+from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import minisd  # noqa: E402
-from minisd import adapters  # noqa: E402
-from minisd.cli import main_guard, pick_device  # noqa: E402
-from minisd.errors import MinisdError  # noqa: E402
-from minisd.fused import selora_ops  # noqa: E402
-from minisd.sampling import add_noise, alphas_cumprod  # noqa: E402
-from minisd.training import AUTOCAST  # noqa: E402
-from common import environment, median_time, write_json  # noqa: E402
+import train  # noqa: E402
+from minisd import data, training  # noqa: E402
+from minisd.cli import main_guard  # noqa: E402
+from minisd.sampling import ddim_sample  # noqa: E402
+from common import (diffusers_models, environment, peak_memory, reset_peak_memory, save_results, sync,  # noqa: E402
+                    target)
 
 PROMPTS = [
     "The heart is normal in size. The mediastinum is unremarkable. The lungs are clear.",
@@ -38,148 +54,266 @@ PROMPTS = [
     "Stable 8 mm nodule in the right upper lobe. No focal consolidation, effusion or pneumothorax.",
     "Heart size and pulmonary vascularity appear within normal limits. No pleural effusion is seen.",
 ]
-MODES = {"selora-test": "SeLoRA, test step", "selora-between": "SeLoRA, between tests", "lora": "LoRA"}
+IU = dict(images=2640, steps=3300, every=40, val_images=528, validations=10, grid=4, grid_steps=25, workers=4)
 
 
-def adapted_model(config, method, rank, device):
-    """A fresh random model with `method` adapters at `rank` in every layer (SeLoRA grown to it from 1)."""
-    sd = minisd.build(config, seed=0, device=device)
-    torch.manual_seed(0)
-    adapters.inject(sd, method, rank=rank)
-    layers = adapters.adapted_layers(sd)
-    if method == "selora":
-        for layer in layers.values():
-            for _ in range(min(rank, layer.max_rank) - 1):
+class Contender:
+    """One model on the device and its step; `run(n)` launches n steps and reads their losses as training does."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def run(self, n):
+        previous = None
+        for _ in range(n):
+            loss = self.step()
+            if previous is not None:
+                previous.item()
+            previous = loss
+        return previous.item()
+
+
+def seconds_per_step(contender, steps, warmup, device):
+    contender.run(warmup)
+    sync(device)
+    start = time.perf_counter()
+    contender.run(steps)
+    sync(device)
+    return (time.perf_counter() - start) / steps
+
+
+def minisd_trainer(base, method, resolution, a, folder, max_steps):
+    """train.py's Trainer on the phantom set, its model a copy of `base` (random weights: no file to load)."""
+    args, _ = train.parse_args(["--model", "random", "--data", "phantom", "--method", method, "--rank", str(a.rank),
+                                "--resolution", str(resolution), "--batch-size", str(a.batch_size),
+                                "--max-steps", str(max_steps), "--precision", a.precision, "--device", a.device,
+                                "--workers", str(a.workers), "--val-max", str(a.val_max), "--val-images", "0",
+                                "--cfg-dropout", "0", "--run-name", "bench"])
+    train.check(args)
+    args.data_root = "data/phantom"
+    load = training.load
+    training.load = lambda *_, **__: copy.deepcopy(base)
+    try:
+        trainer = training.Trainer(args, os.path.join(folder, f"{method}-{resolution}"), resume=False)
+    finally:
+        training.load = load
+    if method == "selora":   # the same per-layer ranks as LoRA's
+        for layer in trainer.layers.values():
+            for _ in range(min(a.rank, layer.max_rank) - 1):
                 layer.expand()
-                layer.reset_fisher()
-    return sd, layers
+        minisd.adapters.selora.reset_fishers(trainer.layers.values(), trainer.controller.generator)
+    trainer.cache_inputs()
+    batches = trainer.batches()
+    return trainer, Contender(lambda: trainer.train_step(batches)[0])
 
 
-def make_step(sd, optimizer, controller, images, autocast_dtype, device):
-    """One training step as Trainer.train_step does it, on a fixed image batch with fresh random draws."""
-    device_type = "cuda" if device.startswith("cuda") else "cpu"
-    autocast = lambda: torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_dtype is not None)  # noqa: E731
-    ac = alphas_cumprod().to(device)
-    generator = torch.Generator().manual_seed(0)
-    n, shape = len(images), (4, images.shape[-2] // 8, images.shape[-1] // 8)
-    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(n)]
-    step_count = [0]
+def diffusers_contender(base, resolution, a):
+    """diffusers + peft, stepped as train_text_to_image_lora.py steps (see the module's docstring)."""
+    from diffusers import DDPMScheduler
+    from peft import LoraConfig, inject_adapter_in_model
+    models = diffusers_models(base, torch.bfloat16 if a.precision == "bf16" else torch.float32, a.device)
+    unet, vae, text_encoder = models["unet"], models["vae"], models["text_encoder"]
+    for model in (unet, text_encoder):   # what unet.add_adapter / text_encoder.add_adapter do
+        linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+        inject_adapter_in_model(LoraConfig(r=a.rank, lora_alpha=a.rank, init_lora_weights="gaussian",
+                                           target_modules=linears), model)
+    params = [p for m in (unet, text_encoder) for p in m.parameters() if p.requires_grad]
+    for p in params:   # the script's cast_training_params
+        p.data = p.data.float()
+    optimizer = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    g = torch.Generator().manual_seed(0)
+    images = (torch.rand(a.batch_size, 3, resolution, resolution, generator=g) * 2 - 1).to(a.device, vae.dtype)
+    ids = base.tokenizer([PROMPTS[i % len(PROMPTS)] for i in range(a.batch_size)]).to(a.device)
+    autocast = dict(device_type=torch.device(a.device).type, dtype=torch.bfloat16, enabled=a.precision == "bf16")
 
     def step():
-        step_count[0] += 1
-        if controller is not None:
-            controller.begin_step(step_count[0])
-        latent, noise = torch.randn(n, *shape, generator=generator), torch.randn(n, *shape, generator=generator)
-        t = torch.randint(0, 1000, (n,), generator=generator)
-        latent, noise, t = latent.to(device), noise.to(device), t.to(device)
-        with torch.no_grad(), autocast():
-            mean, logvar = sd.vae.encode(images)
-        latents = (mean.float() + (0.5 * logvar.float()).exp() * latent) * sd.vae.scaling_factor
-        noisy = add_noise(latents, noise, t, ac)
-        with autocast():
-            context = sd.text_encoder(sd.tokenizer(prompts).to(device))
-            eps = sd.unet(noisy, t, context)
-        loss = F.mse_loss(eps.float(), noise)
+        latents = vae.encode(images).latent_dist.sample() * vae.config.scaling_factor
+        noise = torch.randn_like(latents)
+        t = torch.randint(0, 1000, (latents.shape[0],), device=latents.device).long()
+        noisy = scheduler.add_noise(latents, noise, t)
+        with torch.autocast(**autocast):
+            context = text_encoder(ids, return_dict=False)[0]
+            pred = unet(noisy, t, context, return_dict=False)[0]
+        loss = F.mse_loss(pred.float(), noise.float())
+        loss.detach().item()   # the script logs the mean loss of every step
         loss.backward()
-        loss.item()  # the Trainer reads every step's loss
+        nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
-        if controller is not None:
-            controller.end_step(step_count[0], optimizer)
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad()
+        return loss.detach()
 
-    return step
+    return models, Contender(step), sum(1 for m in (unet, text_encoder) for n, x in m.named_modules() if hasattr(x, "lora_A"))
 
 
-def measure(step, device, warmup, steps, batch):
-    """(images/s, peak allocated bytes or None), or None when the step runs out of GPU memory."""
-    cuda = device.startswith("cuda")
-    if cuda:
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-    try:
-        seconds = median_time(step, device, warmup=warmup, repeats=steps)
-    except torch.cuda.OutOfMemoryError:
-        return None
-    return batch / seconds, torch.cuda.max_memory_allocated() if cuda else None
+def decode_seconds(resolution):
+    """Seconds to read one synthetic 512×512 8-bit film (IU X-Ray's normalised size) and resize it."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "film.png")
+        film = np.random.default_rng(0).normal(128, 40, (512, 512)).clip(0, 255).astype(np.uint8)
+        Image.fromarray(film).save(path)
+        data.load_image(path, resolution)
+        start = time.perf_counter()
+        for _ in range(8):
+            data.load_image(path, resolution)
+        return (time.perf_counter() - start) / 8
+
+
+def project(trainer, contender, t_step, a, device):
+    """The IU fine-tune's parts, measured on the SeLoRA trainer at 224 px -> {part: seconds}."""
+    sd, n = trainer.sd, a.batch_size
+    images = torch.rand(n, 3, trainer.args.resolution, trainer.args.resolution, device=device) * 2 - 1
+    with torch.no_grad(), trainer.autocast_ctx():
+        encode = lambda: sd.vae.encode(images)[0].float().sum()  # noqa: E731
+        encode()
+        sync(device)
+        start = time.perf_counter()
+        encode().item()
+        sync(device)
+        t_encode = (time.perf_counter() - start) / n
+    # a test period of `cycle` steps, every layer growing at its test (λ = 1): one period to settle, one timed
+    cycle = 6
+    trainer.controller.every, trainer.controller.lam = cycle, 1.0
+    trainer.controller.fisher_window = 1
+    ahead = (-trainer.step) % cycle
+    contender.run(ahead + cycle)
+    sync(device)
+    start = time.perf_counter()
+    contender.run(cycle)
+    sync(device)
+    t_period = time.perf_counter() - start + (IU["every"] - cycle) * t_step
+    sync(device)
+    start = time.perf_counter()
+    trainer.validate()   # the loss on --val-max cached images; no grid (--val-images 0)
+    t_val_image = (time.perf_counter() - start) / trainer.val_count()
+    with trainer.autocast_ctx():   # as validate() samples: the frozen weights are bf16
+        grid = lambda: ddim_sample(sd, PROMPTS[:IU["grid"]], steps=IU["grid_steps"], height=trainer.args.resolution,  # noqa: E731
+                                   width=trainer.args.resolution, progress=False)
+        grid()
+        sync(device)
+        start = time.perf_counter()
+        grid()
+        sync(device)
+        t_grid = time.perf_counter() - start
+    parts = {"pre-pass: decode files": IU["images"] * decode_seconds(trainer.args.resolution) / IU["workers"],
+             "pre-pass: VAE encode": IU["images"] * t_encode,
+             "steps between tests": (IU["steps"] - IU["steps"] // IU["every"]) * t_step,
+             "tests (eager step, growth, recapture)": IU["steps"] // IU["every"] * (t_period - (IU["every"] - 1) * t_step),
+             "validation loss": IU["validations"] * IU["val_images"] * t_val_image,
+             "validation grids": IU["validations"] * t_grid}
+    return parts
+
+
+def parse(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--json", help="write the results here (rewritten after each measurement)")
+    p.add_argument("--smoke", action="store_true", help="CPU rehearsal: tiny model, fp32, 32 px, batch 2, a few steps")
+    p.add_argument("--resolutions", type=int, nargs="+", default=[224, 512])
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--rank", type=int, default=4, help="every layer's rank, for all adapters")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per row")
+    p.add_argument("--warmup", type=int, default=4, help="steps before timing (eager, then capture)")
+    p.add_argument("--no-diffusers", dest="diffusers", action="store_false", help="skip the diffusers + peft rows")
+    a = p.parse_args(argv)
+    a.config, a.device, a.precision, a.workers, a.val_max = "sd15", "cuda", "bf16", min(8, os.cpu_count() or 1), 64
+    if a.smoke:
+        a.config, a.device, a.precision, a.resolutions, a.batch_size, a.steps, a.warmup, a.workers, a.val_max = \
+            "tiny", "cpu", "fp32", [32], 2, 2, 3, 0, 4
+        torch.set_num_threads(1)   # tiny tensors: threads only wait on each other
+    elif not torch.cuda.is_available():
+        p.error("needs a CUDA GPU (or --smoke for the CPU rehearsal)")
+    return a
+
+
+def row_table(rows):
+    fmt = lambda v, spec: "–" if v is None else format(v, spec)  # noqa: E731
+    lines = ["| px | contender | step ms | images/s | peak GiB | vs diffusers (images/s) |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['resolution']} | {r['contender']} | {1e3 * r['seconds']:.1f} | {r['images_per_s']:.2f} "
+                     f"| {fmt(r['peak_bytes'] and r['peak_bytes'] / 2 ** 30, '.2f')} | {fmt(r.get('speedup'), '.2f')} |")
+    return "\n".join(lines)
 
 
 @main_guard
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="sd15", choices=minisd.CONFIGS)
-    p.add_argument("--device", default="cuda")
-    p.add_argument("--resolutions", type=int, nargs="+", default=[224, 512])
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--rank", type=int, default=4, help="every layer's rank, for both adapters")
-    p.add_argument("--precision", default="bf16", choices=["bf16", "fp32"], help="autocast; adapters stay fp32")
-    p.add_argument("--grad-checkpointing", action="store_true", help="also measure with gradient checkpointing")
-    p.add_argument("--steps", type=int, default=10, help="timed steps per row (median)")
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--json", help="write the results here")
-    args = p.parse_args(argv)
-    if min(args.batch_size, args.rank, args.steps) < 1 or args.warmup < 0:
-        raise MinisdError("--batch-size, --rank and --steps must be at least 1, --warmup at least 0")
-    bad = [r for r in args.resolutions if r < 8 or r % 8]
-    if bad:
-        raise MinisdError(f"--resolutions {bad[0]}: must be a positive multiple of 8 (the VAE downsamples by 8)")
-    device = pick_device(args.device)
-    cuda = device.startswith("cuda")
-    op = "fused CUDA" if cuda and selora_ops(torch.empty(0, device=device)) is not None else "PyTorch reference"
-    g = torch.Generator().manual_seed(0)
-    images = {r: (torch.rand(args.batch_size, 3, r, r, generator=g) * 2 - 1).to(device) for r in args.resolutions}
-    checkpointing = [False, True] if args.grad_checkpointing else [False]
+    a = parse(argv)
+    device, env = a.device, environment(a.device)
+    base = minisd.build(a.config, seed=0, device=device)
+    rows, targets = [], []
+    results = {"args": vars(a), "rows": rows}
+    save = lambda: save_results(a.json, env, targets, **results)  # noqa: E731
 
-    results, trainable, ranks = {}, {}, {}
-    for method in ("selora", "lora"):
-        sd, layers = adapted_model(args.config, method, args.rank, device)
-        ranks[method] = {name: layer.rank for name, layer in layers.items()}
-        params = [p for p in sd.parameters() if p.requires_grad]
-        trainable[method] = sum(p.numel() for p in params)
-        optimizer = torch.optim.Adam(params, lr=args.lr)
-        # SeLoRA: a test at every step with λ = ∞ (Fisher terms and FI-ratios, no growth), or a test never
-        controllers = {"lora": None} if method == "lora" else {
-            "selora-test": adapters.SeLoRAController(layers.items(), lam=math.inf, every=1),
-            "selora-between": adapters.SeLoRAController(layers.items(), every=2 ** 62)}
-        for ckpt in checkpointing:
-            sd.unet.gradient_checkpointing = sd.text_encoder.text_model.encoder.gradient_checkpointing = ckpt
-            for resolution in args.resolutions:
-                for mode, controller in controllers.items():
-                    step = make_step(sd, optimizer, controller, images[resolution], AUTOCAST[args.precision], device)
-                    results[mode, ckpt, resolution] = measure(step, device, args.warmup, args.steps, args.batch_size)
-                    optimizer.zero_grad(set_to_none=True)
-        del sd, layers, params, optimizer, controllers, step
-    if ranks["selora"] != ranks["lora"]:
-        raise MinisdError(f"SeLoRA and LoRA ranks differ (a layer narrower than --rank {args.rank}?)")
+    def measure(name, resolution, contender, baseline):
+        seconds = seconds_per_step(contender, a.steps, a.warmup, device)
+        rows.append({"resolution": resolution, "contender": name, "seconds": seconds,
+                     "images_per_s": a.batch_size / seconds, "peak_bytes": peak_memory(device, baseline)})
+        print(f"{resolution} px, {name}: {1e3 * seconds:.1f} ms per step", flush=True)
+        save()
+        return rows[-1]
 
-    rows = []
-    for ckpt in checkpointing:
-        for resolution in args.resolutions:
-            lora = results["lora", ckpt, resolution]
-            for mode in MODES:
-                r = results[mode, ckpt, resolution]
-                row = {"resolution": resolution, "grad_checkpointing": ckpt, "adapter": mode,
-                       "images_per_s": r and r[0], "peak_bytes": r and r[1]}
-                if r and lora:
-                    row["time_vs_lora"] = lora[0] / r[0]
-                    if cuda:
-                        row["peak_vs_lora"] = r[1] / lora[1]
-                rows.append(row)
-
-    env = environment(device)
-    numerics = "bf16 autocast" if args.precision == "bf16" else "fp32"
-    print(f"# {args.config} training step, batch {args.batch_size}, {numerics}, rank {args.rank} in all "
-          f"{len(ranks['lora'])} adapted layers ({trainable['lora']:,} trainable parameters), SeLoRA op: {op} — {env}")
-    print("| px | grad ckpt | adapter | step ms | images/s | peak GiB | time / LoRA | peak / LoRA |\n|" + "---|" * 8)
-    fmt = lambda value, spec: "–" if value is None else format(value, spec)  # noqa: E731
-    for row in rows:
-        ips = row["images_per_s"]
-        print(f"| {row['resolution']} | {'on' if row['grad_checkpointing'] else 'off'} | {MODES[row['adapter']]} "
-              f"| {fmt(ips and 1e3 * args.batch_size / ips, '.1f')} | {fmt(ips, '.2f') if ips else 'out of memory'} "
-              f"| {fmt(row['peak_bytes'] and row['peak_bytes'] / 2 ** 30, '.2f')} "
-              f"| {fmt(row.get('time_vs_lora'), '.3f')} | {fmt(row.get('peak_vs_lora'), '.3f')} |")
-    write_json(args.json, {"env": env, "args": vars(args), "selora_op": op, "trainable_params": trainable["lora"],
-                           "adapted_layers": len(ranks["lora"]), "rows": rows})
+    with tempfile.TemporaryDirectory() as folder:
+        for resolution in a.resolutions:
+            rows_steps = a.warmup + a.steps   # 4 rows, and the projection's 3 test periods of 6 steps
+            baseline = reset_peak_memory(device)
+            trainer, selora = minisd_trainer(base, "selora", resolution, a, folder, 4 * rows_steps + 18)
+            controller = trainer.controller
+            controller.every = 2 ** 62
+            between = measure("minisd SeLoRA, between tests", resolution, selora, baseline)
+            controller.every, controller.lam = 1, math.inf
+            test = measure("minisd SeLoRA, test step", resolution, selora, baseline)
+            controller.every = 2 ** 62
+            if trainer.replayer is not None:   # a GPU
+                trainer.replayer.enabled = False
+                measure("minisd SeLoRA, between tests, eager", resolution, selora, baseline)
+                trainer.replayer.enabled = True
+            for part in (trainer.sd.unet, trainer.sd.vae):
+                part.to(memory_format=torch.contiguous_format)
+            measure("minisd SeLoRA, between tests, no channels_last", resolution, selora, baseline)
+            for part in (trainer.sd.unet, trainer.sd.vae):
+                part.to(memory_format=torch.channels_last if device.startswith("cuda") else torch.contiguous_format)
+            if resolution == 224 or a.smoke:
+                results["projection"] = parts = project(trainer, selora, between["seconds"], a, device)
+                print(f"projection: {sum(parts.values()):.1f} s", flush=True)
+                save()
+            del trainer, selora
+            baseline = reset_peak_memory(device)
+            trainer, lora = minisd_trainer(base, "lora", resolution, a, folder, rows_steps)
+            lora = measure("minisd LoRA", resolution, lora, baseline)
+            del trainer
+            for row, name in ((test, "test step"), (between, "between tests")):
+                row["vs_lora"] = row["seconds"] / lora["seconds"]
+            targets.append(target(f"SeLoRA test step time vs LoRA of the same ranks, {resolution} px", test["vs_lora"],
+                                  "x", "<= 1.03", test["vs_lora"] <= 1.03))
+            if a.diffusers:
+                baseline = reset_peak_memory(device)
+                models, reference, n_layers = diffusers_contender(base, resolution, a)
+                ref = measure(f"diffusers + peft ({n_layers} LoRA layers)", resolution, reference, baseline)
+                del models, reference
+                for row in rows:
+                    if row["resolution"] == resolution and row is not ref:
+                        row["speedup"] = row["images_per_s"] / ref["images_per_s"]
+                goal = 1.5 if resolution <= 224 else 1.3
+                targets.append(target(f"training images/s vs diffusers + peft, {resolution} px (SeLoRA between tests)",
+                                      between["speedup"], "x", f">= {goal}", between["speedup"] >= goal))
+                if ref["peak_bytes"] is not None:
+                    ratio = max(between["peak_bytes"], test["peak_bytes"]) / ref["peak_bytes"]
+                    targets.append(target(f"training peak memory vs diffusers + peft, {resolution} px", ratio, "x",
+                                          "<= 1.0", ratio <= 1.0))
+            save()
+    if "projection" in results:
+        total = sum(results["projection"].values())
+        targets.append(target("paper's IU X-Ray fine-tune, projected (one GPU)", total, "s", "<= 300", total <= 300))
+        save()
+    print(f"# {a.config} training step, batch {a.batch_size}, {a.precision}, rank {a.rank} — {env}")
+    print(row_table(rows))
+    if "projection" in results:
+        print("\n| IU fine-tune part | seconds |\n|---|---|")
+        for name, seconds in results["projection"].items():
+            print(f"| {name} | {seconds:.1f} |")
+        print(f"| **total** | **{sum(results['projection'].values()):.1f}** |")
+    print("\n| target | figure | goal | met |\n|---|---|---|---|")
+    for t in targets:
+        print(f"| {t['name']} | {t['figure']:.3g} {t['unit']} | {t['target']} | {t['met']} |")
 
 
 if __name__ == "__main__":

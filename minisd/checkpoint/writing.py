@@ -39,16 +39,22 @@ def diffusers_configs(config):
     }
 
 
+def diffusers_state_dict(model, part, dtype=None):
+    """One part's tensors under diffusers' names and shapes."""
+    tensors = {}
+    for name, value in model.parts()[part].state_dict().items():
+        if part == "vae" and ".attn_1." in name and value.dim() == 4:
+            value = value[:, :, 0, 0]   # diffusers keeps the VAE attention as linear layers
+        tensors[to_diffusers_name(part, name, model.config)] = value.to(dtype) if dtype else value
+    return tensors
+
+
 def save_diffusers(model, folder, dtype=None):
     """The whole model as a diffusers folder (unet/, vae/, text_encoder/ with config.json each)."""
     configs = diffusers_configs(model.config)
-    for part, module in model.parts().items():
+    for part in model.parts():
         os.makedirs(os.path.join(folder, part), exist_ok=True)
-        tensors = {}
-        for name, value in module.state_dict().items():
-            if part == "vae" and ".attn_1." in name and value.dim() == 4:
-                value = value[:, :, 0, 0]   # diffusers keeps the VAE attention as linear layers
-            tensors[to_diffusers_name(part, name, model.config)] = (value.to(dtype) if dtype else value).cpu()
+        tensors = {name: value.cpu() for name, value in diffusers_state_dict(model, part, dtype).items()}
         atomic_save(tensors, os.path.join(folder, part, DIFFUSERS_FILES[part][0]))
         atomic_json(configs[part], os.path.join(folder, part, "config.json"))
     write_pipeline_files(model, folder)
