@@ -91,7 +91,7 @@ def train(monkeypatch, cwd, name, capture, device):
 
 
 @pytest.mark.parametrize("backend", BACKENDS, indirect=True)
-@pytest.mark.filterwarnings("ignore:.*grows every layer")
+@pytest.mark.filterwarnings("ignore:--lambda 1")
 def test_captured_training_step_equals_eager_across_growth(backend, tmp_path, monkeypatch):
     device, chosen = backend
     trainer, losses, adapter = train(monkeypatch, tmp_path, "captured", True, device)
