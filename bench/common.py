@@ -4,6 +4,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 
@@ -92,3 +93,13 @@ def diffusers_models(sd, dtype, device):
         if unexpected or [k for k in missing if not k.endswith("position_ids")]:
             raise RuntimeError(f"{part}: weights do not map onto diffusers' model ({(unexpected or missing)[0]})")
     return {part: m.to(device=device, dtype=dtype).eval().requires_grad_(False) for part, m in models.items()}
+
+
+def rehearse_on_cpu():
+    """--smoke: one thread (tiny tensors), and CUDA-graph capture emulated on the CPU (tests/emulated_graphs.py),
+    so that the GPU run's capture and replay paths run in the rehearsal too."""
+    torch.set_num_threads(1)
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+    from emulated_graphs import EmulatedGraphs
+    from minisd import graphs
+    graphs.BACKEND = EmulatedGraphs()

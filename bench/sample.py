@@ -25,7 +25,7 @@ from minisd.checkpoint.writing import write_pipeline_files  # noqa: E402
 from minisd.cli import PRECISIONS, main_guard  # noqa: E402
 from minisd.layout import prepare_for_sampling  # noqa: E402
 from minisd.sampling import ddim_sample, initial_latents  # noqa: E402
-from common import diffusers_models, environment, median_time, save_results, target  # noqa: E402
+from common import diffusers_models, environment, median_time, rehearse_on_cpu, save_results, target  # noqa: E402
 
 PROMPT = "frontal chest x-ray, the heart is normal in size, no pleural effusion or pneumothorax"
 GOAL = 0.7   # minisd's latency / diffusers'
@@ -57,7 +57,7 @@ def parse(argv):
     a.config, a.device, a.size, a.steps = "sd15", "cuda", 512, 50
     if a.smoke:
         a.config, a.device, a.size, a.steps, a.precisions, a.repeats = "tiny", "cpu", 64, 5, ["fp32"], 2
-        torch.set_num_threads(1)   # tiny tensors: threads only wait on each other
+        rehearse_on_cpu()
     elif not torch.cuda.is_available():
         p.error("needs a CUDA GPU (or --smoke for the CPU rehearsal)")
     return a

@@ -45,8 +45,8 @@ import train  # noqa: E402
 from minisd import data, training  # noqa: E402
 from minisd.cli import main_guard  # noqa: E402
 from minisd.sampling import ddim_sample  # noqa: E402
-from common import (diffusers_models, environment, peak_memory, reset_peak_memory, save_results, sync,  # noqa: E402
-                    target)
+from common import (diffusers_models, environment, peak_memory, rehearse_on_cpu, reset_peak_memory, save_results,  # noqa: E402
+                    sync, target)
 
 PROMPTS = [
     "The heart is normal in size. The mediastinum is unremarkable. The lungs are clear.",
@@ -219,7 +219,7 @@ def parse(argv):
     if a.smoke:
         a.config, a.device, a.precision, a.resolutions, a.batch_size, a.steps, a.warmup, a.workers, a.val_max = \
             "tiny", "cpu", "fp32", [32], 2, 2, 3, 0, 4
-        torch.set_num_threads(1)   # tiny tensors: threads only wait on each other
+        rehearse_on_cpu()
     elif not torch.cuda.is_available():
         p.error("needs a CUDA GPU (or --smoke for the CPU rehearsal)")
     return a

@@ -1,11 +1,14 @@
 """CUDA-graph capture and replay emulated on the CPU, to rehearse the code that captures.
 
-Capture runs the function once under a dispatch mode that records every aten operation with its tensors;
-like a real capture it changes no tensor that existed before (its writes go to scratch copies), and a host
-synchronisation (`.item()`, a data-dependent shape) raises. Replay re-runs the recorded operations on the
-recorded tensors: fresh results are copied into the tensors the capture produced (fixed storage, as in a
-graph's memory pool) and recorded writes land on the tensors they named. Python code runs only at capture,
-so state that a step keeps in Python rather than in tensors is not updated by a replay — as on a GPU.
+Capture runs the function once under a dispatch mode that records every aten operation; like a real capture
+it changes no values of tensors that existed before (its writes go to scratch copies), and a host
+synchronisation (`.item()`, a data-dependent shape) raises. In-place view changes (`squeeze_`, `t_`) are
+metadata: made at once, as a real capture makes them on the host. Each recorded tensor is pinned as it was
+when the operation ran (its storage, sizes, strides, offset), as a kernel in a graph is baked with pointers
+and layouts. Replay re-runs the recorded operations on the pinned tensors: fresh results are copied into
+the storage the capture produced (a graph's memory pool) and recorded writes land in the storage they named.
+Python code runs only at capture, so state that a step keeps in Python rather than in tensors is not updated
+by a replay, and a tensor replaced after the capture is not seen by it — as on a GPU.
 """
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -31,6 +34,15 @@ def returns_view(func):
     return any(r.alias_info is not None and not r.alias_info.is_write for r in func._schema.returns)
 
 
+def pinned(x):
+    """x's storage with the sizes, strides and offset it has now (unchanged by later in-place view ops)."""
+    return x.as_strided(x.size(), x.stride(), x.storage_offset()) if isinstance(x, torch.Tensor) else x
+
+
+def storage(t):
+    return t.untyped_storage().data_ptr()
+
+
 class Recorder(TorchDispatchMode):
     def __init__(self):
         super().__init__()
@@ -40,6 +52,8 @@ class Recorder(TorchDispatchMode):
         kwargs = kwargs or {}
         if func.overloadpacket in SYNCHRONISING:
             raise RuntimeError(f"{func} synchronises with the host: not allowed while capturing")
+        if torch.Tag.inplace_view in func.tags:
+            return func(*args, **kwargs)
         written = written_tensors(func, args, kwargs)
         if written:
             scratch = {id(t): t.clone() for t in written}
@@ -50,7 +64,8 @@ class Recorder(TorchDispatchMode):
         else:
             out = func(*args, **kwargs)
         if any(isinstance(t, torch.Tensor) for t in tree_flatten(out)[0]) or written:
-            self.ops.append((func, args, kwargs, out, written))
+            self.ops.append((func, tree_map(pinned, args), tree_map(pinned, kwargs), tree_map(pinned, out),
+                             {storage(t) for t in written}))
         return out
 
 
@@ -62,10 +77,10 @@ class EmulatedGraph:
     def replay(self):
         for func, args, kwargs, out, written in self.ops:
             if returns_view(func) and not written:
-                continue   # the recorded view still aliases the recorded tensor
+                continue   # the recorded view aliases the recorded storage already
             result = func(*args, **kwargs)
             for fresh, kept in zip(tree_flatten(result)[0], tree_flatten(out)[0]):
-                if isinstance(kept, torch.Tensor) and fresh is not kept and not any(kept is t for t in written):
+                if isinstance(kept, torch.Tensor) and storage(kept) not in written:
                     kept.copy_(fresh)
 
 
