@@ -215,7 +215,7 @@ def check_recorded_type(path, action, value):
     """An error naming the field unless `value` is what `action`'s flag parses to (or its None default)."""
     if value is None and action.default is None:
         return
-    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse.BooleanOptionalAction)):
         expected = bool
     else:
         expected = action.type if action.type in TYPE_NAMES else str

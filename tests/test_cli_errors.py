@@ -107,13 +107,16 @@ def test_train_resume_arguments(scripts, capsys, tmp_path, monkeypatch, argv, me
      "--resume continues a run with its recorded arguments: --lr 0.1 differs from the run's"),
     # the recorded value again is fine (the error is the next check's)
     (["--resume", "r", "--model", "tiny"], {"run_name": "r", "batch_size": 0}, "--batch-size must be at least 1, got 0"),
-    # a run recorded before --data-seed, --fisher, --preset, --val-every, --tensorboard and --window: accepted
+    # a run recorded before --data-seed, --fisher, --preset, --val-every, --tensorboard, --window and the latent
+    # cache: accepted
     (["--resume", "r"], {"run_name": "r", "data_seed": None, "fisher": None, "preset": None, "val_every": None,
-                         "tensorboard": None, "window": None, "batch_size": 0}, "--batch-size must be at least 1, got 0"),
+                         "tensorboard": None, "window": None, "cache_latents": None, "cache_latents_to_disk": None,
+                         "batch_size": 0}, "--batch-size must be at least 1, got 0"),
     (["--resume", "r", "--data-seed", "3"], {"seed": 5, "data_seed": None}, "--data-seed 3 differs from the run's 5"),
     (["--resume", "r"], {"batch_size": "8"},   # was: '<' not supported between instances of 'str' and 'int'
      "--resume r: runs/r/args.json: 'batch_size' is \"8\", expected an integer"),
     (["--resume", "r"], {"convs": 1}, "--resume r: runs/r/args.json: 'convs' is 1, expected true or false"),
+    (["--resume", "r"], {"cache_latents": "yes"}, "'cache_latents' is \"yes\", expected true or false"),
     (["--resume", "r"], {"method": "lorax"}, "'method' is \"lorax\", expected one of lora, selora, dylora, adalora"),
 ])
 def test_train_resume_record(scripts, capsys, tmp_path, monkeypatch, argv, change, message):
