@@ -75,6 +75,13 @@ def reset_peak_memory(device):
     return torch.cuda.memory_allocated()
 
 
+def random_model(config, device):
+    """minisd.build(config, seed=0) with its weights drawn on `device` (SD-1.5 size in seconds on a GPU)."""
+    import minisd
+    with torch.device(device):
+        return minisd.build(config, seed=0, device=device)
+
+
 def diffusers_models(sd, dtype, device):
     """diffusers' UNet2DConditionModel and AutoencoderKL and transformers' CLIPTextModel holding sd's weights,
     converted by minisd's own diffusers-name mapping (what save_diffusers writes)."""
@@ -82,9 +89,10 @@ def diffusers_models(sd, dtype, device):
     import transformers
     from minisd.checkpoint.writing import diffusers_configs, diffusers_state_dict
     configs = diffusers_configs(sd.config)
-    models = {"unet": diffusers.UNet2DConditionModel.from_config(configs["unet"]),
-              "vae": diffusers.AutoencoderKL.from_config(configs["vae"]),
-              "text_encoder": transformers.CLIPTextModel(transformers.CLIPTextConfig(**configs["text_encoder"]))}
+    with torch.device(device):   # their random initialisation on the device: seconds, not a minute of CPU
+        models = {"unet": diffusers.UNet2DConditionModel.from_config(configs["unet"]),
+                  "vae": diffusers.AutoencoderKL.from_config(configs["vae"]),
+                  "text_encoder": transformers.CLIPTextModel(transformers.CLIPTextConfig(**configs["text_encoder"]))}
     for part in sd.parts():
         tensors, expected = diffusers_state_dict(sd, part), models[part].state_dict()
         if not expected.keys() & tensors.keys():   # transformers 5 names CLIPTextModel's keys without `text_model.`

@@ -20,28 +20,32 @@ import tempfile
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import minisd  # noqa: E402
 from minisd.checkpoint.writing import write_pipeline_files  # noqa: E402
 from minisd.cli import PRECISIONS, main_guard  # noqa: E402
 from minisd.layout import prepare_for_sampling  # noqa: E402
 from minisd.sampling import ddim_sample, initial_latents  # noqa: E402
-from common import diffusers_models, environment, median_time, rehearse_on_cpu, save_results, target  # noqa: E402
+from common import (diffusers_models, environment, median_time, random_model, rehearse_on_cpu, save_results,  # noqa: E402
+                    target)
 
 PROMPT = "frontal chest x-ray, the heart is normal in size, no pleural effusion or pneumothorax"
 GOAL = 0.7   # minisd's latency / diffusers'
 
 
-def diffusers_pipeline(sd, dtype, device):
-    """StableDiffusionPipeline from in-memory parts: the converted networks, and the tokenizer and scheduler
-    files that minisd writes for a diffusers folder."""
+def pipeline_parts(sd):
+    """The tokenizer and scheduler of a StableDiffusionPipeline, from the files minisd writes for a diffusers folder."""
     import diffusers
     import transformers
-    models = diffusers_models(sd, dtype, device)
     with tempfile.TemporaryDirectory() as folder:
         write_pipeline_files(sd, folder)
-        tokenizer = transformers.CLIPTokenizer.from_pretrained(os.path.join(folder, "tokenizer"))
-        scheduler = diffusers.DDIMScheduler.from_pretrained(folder, subfolder="scheduler")
-    pipe = diffusers.StableDiffusionPipeline(**models, tokenizer=tokenizer, scheduler=scheduler, safety_checker=None,
+        return (transformers.CLIPTokenizer.from_pretrained(os.path.join(folder, "tokenizer")),
+                diffusers.DDIMScheduler.from_pretrained(folder, subfolder="scheduler"))
+
+
+def diffusers_pipeline(networks, tokenizer, scheduler, dtype):
+    """StableDiffusionPipeline over copies of `networks` in `dtype` (no safety checker)."""
+    import diffusers
+    pipe = diffusers.StableDiffusionPipeline(**{part: copy.deepcopy(m).to(dtype) for part, m in networks.items()},
+                                             tokenizer=tokenizer, scheduler=scheduler, safety_checker=None,
                                              feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -52,7 +56,7 @@ def parse(argv):
     p.add_argument("--json", help="write the results here (rewritten after each measurement)")
     p.add_argument("--smoke", action="store_true", help="CPU rehearsal: tiny model, 64 px, 5 steps, fp32")
     p.add_argument("--precisions", nargs="+", default=["fp16", "bf16"], choices=PRECISIONS)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=3, help="timed calls per contender (median), after one untimed")
     a = p.parse_args(argv)
     a.config, a.device, a.size, a.steps = "sd15", "cuda", 512, 50
     if a.smoke:
@@ -71,24 +75,25 @@ def main(argv=None):
 
     def latency(model, **options):
         return median_time(lambda: ddim_sample(model, [PROMPT], steps=a.steps, height=a.size, width=a.size,
-                                               progress=False, **options), a.device, repeats=a.repeats)
+                                               progress=False, **options), a.device, warmup=1, repeats=a.repeats)
 
-    base = minisd.build(a.config, seed=0)
+    base = random_model(a.config, a.device)   # fp32; each contender gets its own copy in the precision
+    networks, (tokenizer, scheduler) = diffusers_models(base, torch.float32, a.device), pipeline_parts(base)
     latents = initial_latents(1, a.size, a.size, seed=0)
     for precision in a.precisions:
         dtype = PRECISIONS[precision]
-        ours = copy.deepcopy(base).to(a.device, dtype)
+        ours = copy.deepcopy(base).to(dtype=dtype)
         prepare_for_sampling(ours, a.device)
         times = {"minisd": latency(ours), "minisd, no CUDA graph": latency(ours, graphs=False)}
         ours.unet.to(memory_format=torch.contiguous_format)
         ours.vae.to(memory_format=torch.contiguous_format)
         times["minisd, no channels_last"] = latency(ours)
         ours = None   # free the device for the reference
-        pipe = diffusers_pipeline(base, dtype, a.device)
+        pipe = diffusers_pipeline(networks, tokenizer, scheduler, dtype)
         start = latents.to(a.device, dtype)
         times["diffusers"] = median_time(lambda: pipe(PROMPT, num_inference_steps=a.steps, guidance_scale=7.5,
                                                       height=a.size, width=a.size, latents=start, output_type="pt"),
-                                         a.device, repeats=a.repeats)
+                                         a.device, warmup=1, repeats=a.repeats)
         pipe = None
         for name, seconds in times.items():
             rows.append({"precision": precision, "contender": name, "seconds": seconds,

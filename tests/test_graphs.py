@@ -14,7 +14,7 @@ from minisd.sampling import alphas_cumprod, ddim_step, ddim_timesteps, initial_l
 from emulated_graphs import EmulatedGraphs
 from helpers import load_script, random_model, rel_err
 
-BACKENDS = ["emulated", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
+BACKENDS = ["emulated", pytest.param("cuda", marks=pytest.mark.cuda)]
 
 
 class CountingCudaGraphs(graphs.CudaGraphs):

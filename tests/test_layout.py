@@ -42,7 +42,7 @@ def test_channels_last_unet_gives_the_same_eps():
     assert rel_err(after, before) < 1e-5
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
 def test_attention_runs_on_flash_attention():
     """With only SDPA's flash kernel allowed (it takes bf16/fp16 only; SDPA raises when no allowed kernel
     takes its inputs), training's forward still runs: SeLoRA layers under bf16 autocast, frozen weights in
