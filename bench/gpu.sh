@@ -8,9 +8,9 @@
 #
 # Stages, in order of what matters most: environment, wheels (the Python packages the machine lacks, from .whl/,
 # which bench/wheels.sh fills), imports, build (the extension, MAX_JOBS=16, and its kernels' registers and
-# shared memory), cuda-tests (pytest -m cuda), memcheck and racecheck (compute-sanitizer over
-# bench/kernel_branches.py, which takes every launch branch of the Fisher kernels), then one stage per bench,
-# and targets. Each stage runs under its own timeout inside one overall deadline and writes its log (a bench:
+# shared memory), cuda-tests (pytest -m cuda), then the benches and the sanitizer in the order of LATER below
+# (memcheck and racecheck: compute-sanitizer over bench/kernel_branches.py, which takes every launch branch of
+# the Fisher kernels), and targets. Each stage runs under its own timeout inside one overall deadline and writes its log (a bench:
 # its Markdown table to NAME.md, its JSON to NAME.json, its messages to NAME.log) into RESULTS_DIR as it goes,
 # so a run cut short keeps what it finished; RESULTS_DIR/stages.md lists every stage's outcome. The last lines
 # (also RESULTS_DIR/targets.md) give one line per target: figure, target, met or not.
@@ -45,14 +45,16 @@ export PYTHONUNBUFFERED=1 MAX_JOBS=16 PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPAT
 [ "$REHEARSE" = 1 ] || export MINISD_CACHE=${MINISD_CACHE:-/tmp/minisd-cache}
 FAILED=0
 
-# Benches: NAME TIMEOUT ARGUMENTS... (each writes RESULTS_DIR/NAME.json with its "targets"). A new bench is
-# one more line here.
-BENCHES=(
-    "kernel 100"
-    "train_step 150"
-    "sample 90"
-    "fid 60"
-    "cxr_ldm 90"
+# The stages after the CUDA tests, most needed first: NAME TIMEOUT [ARGUMENTS...]. A bench writes
+# RESULTS_DIR/NAME.json with its "targets"; "sanitizer" is compute-sanitizer's memcheck and racecheck. A new
+# bench is one more line here.
+LATER=(
+    "kernel 70"
+    "train_step 130"
+    "sample 70"
+    "cxr_ldm 60"
+    "sanitizer"
+    "fid 45"
 )
 
 printf '| stage | outcome | seconds |\n|---|---|---|\n' > "$OUT/stages.md"
@@ -137,7 +139,7 @@ import emulated_op
 began = time.time()
 print("emulated op (CPU):", emulated_op.cached_build().__file__, f"in {time.time() - began:.0f} s")'
 else
-    stage build 180 "$OUT/build.log" bash -c '"$0" -c "
+    stage build 150 "$OUT/build.log" bash -c '"$0" -c "
 import time, warnings, torch
 from minisd.adapters import fused
 warnings.simplefilter(\"error\")  # a fallback to the reference fails the stage
@@ -152,30 +154,39 @@ mapfile -t CUDA_TESTS < <(grep -l "pytest.mark.cuda" tests/test_*.py)
 if [ "${#CUDA_TESTS[@]}" = 0 ]; then
     skip cuda-tests "no test is marked cuda"
 else
-    stage cuda-tests 120 "$OUT/cuda-tests.log" "$PY" -m pytest -q -m cuda "${CUDA_TESTS[@]}" -rs -p no:cacheprovider \
+    stage cuda-tests 90 "$OUT/cuda-tests.log" "$PY" -m pytest -q -m cuda "${CUDA_TESTS[@]}" -rs -p no:cacheprovider \
         --junitxml="$OUT/cuda-tests.xml"
 fi
 
-if [ "$REHEARSE" = 1 ]; then
-    skip memcheck "no GPU (rehearsal); the driver runs on the CPU emulation instead"
-    skip racecheck "no GPU (rehearsal)"
-    stage kernel-branches 120 "$OUT/kernel-branches.log" "$PY" bench/kernel_branches.py --emulated
-elif ! command -v compute-sanitizer > /dev/null; then
-    skip memcheck "compute-sanitizer not found"
-    skip racecheck "compute-sanitizer not found"
-    FAILED=1
-else
-    # Only the op's own kernels are checked (a filter the tool cannot read is ignored: then all are); without
-    # PyTorch's caching allocator every tensor is its own allocation, so an access past one is caught.
-    for tool in memcheck racecheck; do
-        stage "$tool" 90 "$OUT/$tool.log" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool "$tool" \
-            --error-exitcode 1 --kernel-name kns=partials_kernel --kernel-name kns=sum_samples_kernel \
-            "$PY" bench/kernel_branches.py
-    done
-fi
+sanitizer() {
+    if [ "$REHEARSE" = 1 ]; then
+        skip memcheck "no GPU (rehearsal); the driver runs on the CPU emulation instead"
+        skip racecheck "no GPU (rehearsal)"
+        stage kernel-branches 120 "$OUT/kernel-branches.log" "$PY" bench/kernel_branches.py --emulated
+    elif ! command -v compute-sanitizer > /dev/null; then
+        skip memcheck "compute-sanitizer not found"
+        skip racecheck "compute-sanitizer not found"
+        FAILED=1
+    else
+        # Only the op's own kernels are checked (a filter the tool cannot read is ignored: then all are); without
+        # PyTorch's caching allocator every tensor is its own allocation, so an access past one is caught.
+        for tool in "memcheck 60" "racecheck 90"; do
+            read -r name cap <<< "$tool"
+            stage "$name" "$cap" "$OUT/$name.log" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer \
+                --tool "$name" --error-exitcode 1 --kernel-name kns=partials_kernel \
+                --kernel-name kns=sum_samples_kernel "$PY" bench/kernel_branches.py
+        done
+    fi
+}
 
-for entry in "${BENCHES[@]}"; do
+bench_names=()
+for entry in "${LATER[@]}"; do
     read -r name cap extra <<< "$entry"
+    if [ "$name" = sanitizer ]; then
+        sanitizer
+        continue
+    fi
+    bench_names+=("$name")
     flags=()
     [ "$REHEARSE" = 1 ] && flags=(--smoke)
     [ "$REHEARSE" = 1 ] && [ "$name" = kernel ] && flags+=(--emulated)
@@ -185,7 +196,5 @@ for entry in "${BENCHES[@]}"; do
 done
 
 echo "== targets ($(($(date +%s) - START)) s since the start)"
-bench_names=()
-for entry in "${BENCHES[@]}"; do bench_names+=("${entry%% *}"); done
 "$PY" bench/targets.py "$OUT" "${bench_names[@]}"
 exit "$FAILED"

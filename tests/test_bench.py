@@ -54,7 +54,7 @@ def test_rehearsal_records_stages_and_ends_with_the_targets(tmp_path):
     assert "torch" in (results / "environment.log").read_text()
     last = done.stdout.splitlines()[-5:]
     assert last[0] == "kernel: speed-up: 2 × (target ≥ 1.5): met"
-    assert [line.split(":")[0] for line in last[1:]] == ["train_step", "sample", "fid", "cxr_ldm"]
+    assert [line.split(":")[0] for line in last[1:]] == ["train_step", "sample", "cxr_ldm", "fid"]
 
 
 @needs_bash
