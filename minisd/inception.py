@@ -21,7 +21,7 @@ from minisd.errors import MinisdError
 
 WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
 WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + WEIGHTS_FILE
-WEIGHTS_SHA256_PREFIX = "6726825d"
+WEIGHTS_SHA256 = "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2"  # 95,628,359 bytes
 DIMS = (64, 192, 768, 2048)
 RESIZE_MODE = "bilinear to 299x299, align_corners=False, no antialias, then [0,1] -> [-1,1]"
 
@@ -206,7 +206,7 @@ def exact_fp32():
 
 def download(url, dst):
     dst.parent.mkdir(parents=True, exist_ok=True)
-    torch.hub.download_url_to_file(url, str(dst), hash_prefix=WEIGHTS_SHA256_PREFIX, progress=True)
+    torch.hub.download_url_to_file(url, str(dst), hash_prefix=WEIGHTS_SHA256, progress=True)
 
 
 def weights_path(path=None):
@@ -237,12 +237,11 @@ def sha256_file(path):
 
 
 def verify_weights(path, sha256, force=False):
-    """The file must be pytorch-fid's: its name carries the start of its SHA-256 (torch hub's convention),
-    which torch hub checks on download and this checks on every use. FID from other weights is not
-    comparable with published numbers: refused, or with `force` a warning."""
-    if sha256.startswith(WEIGHTS_SHA256_PREFIX):
+    """The file must be pytorch-fid's (its name carries the start of this hash, torch hub's convention).
+    FID from other weights is not comparable with published numbers: refused, or with `force` a warning."""
+    if sha256 == WEIGHTS_SHA256:
         return
-    message = (f"{path}: SHA-256 {sha256[:16]}… is not that of {WEIGHTS_FILE} (which starts {WEIGHTS_SHA256_PREFIX}), "
+    message = (f"{path}: SHA-256 {sha256[:16]}… is not that of {WEIGHTS_FILE} ({WEIGHTS_SHA256[:16]}…), "
                f"so its FID is not comparable with published numbers")
     if not force:
         raise MinisdError(message + "; get the file from " + WEIGHTS_URL + " or pass --force-inception-weights")
