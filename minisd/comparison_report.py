@@ -45,7 +45,8 @@ def row(grid, key, cells, weights):
            "cells_trained": len(summaries), "cells_evaluated": len(reports), "cells": len(cells),
            "image_sets": len(image_sets)}
     for d in grid.evaluation["dims"]:
-        out[f"fid{d}_mean"], out[f"fid{d}_std"] = mean_std([r["fid"][str(d)] for r in image_sets])
+        values = [r["fid"][str(d)] for r in image_sets]
+        out[f"fid{d}_mean"], out[f"fid{d}_std"] = mean_std(values) if None not in values else (None, None)
     out["clip_score_mean"], out["clip_score_std"] = mean_std([r["clip_score"]["mean"] for r in image_sets
                                                               if r.get("clip_score")])
     records = [adapter_record(s) for s in summaries]

@@ -189,7 +189,8 @@ def evaluate_model(args, device):
     summary = {}
     for name in numbers[0]:
         values = [x[name] for x in numbers]
-        summary[name] = {"mean": float(np.mean(values)), "std": float(np.std(values))}  # std with ddof=0
+        summary[name] = ({"mean": None, "std": None} if None in values  # a seed's FID at that dim was not computed
+                         else {"mean": float(np.mean(values)), "std": float(np.std(values))})  # std with ddof=0
     return {"mode": "model", "model": args.model, "adapter": args.adapter, "data": args.data, "data_root": data_root,
             "split": args.split, "data_seed": args.data_seed, "manifest": args.manifest,
             "ids": [item["id"] for item in items], "resolution": resolution, "seeds": args.seeds,

@@ -167,17 +167,24 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
 
 
 def fid(real_features, fake_features):
-    """{dim: FID} from two {dim: [N, dim]} feature sets."""
+    """{dim: FID} from two {dim: [N, dim]} feature sets; None for a dim with fewer images than dims where
+    the square root of the covariance product is not real."""
     out = {}
     for d in sorted(fake_features):
         n_real, n_fake = len(real_features[d]), len(fake_features[d])
         if min(n_real, n_fake) < 2:
             raise MinisdError(f"FID needs at least 2 images per set, got {n_real} real and {n_fake} generated")
-        if min(n_real, n_fake) < d:
-            warnings.warn(f"FID-{d}: {n_real} real / {n_fake} generated images, fewer than the {d} feature dims; "
-                          f"the covariances are singular and the value is not comparable with published FIDs")
-        out[d] = frechet_distance(*activation_statistics(real_features[d]),
-                                  *activation_statistics(fake_features[d]))
+        statistics = *activation_statistics(real_features[d]), *activation_statistics(fake_features[d])
+        if min(n_real, n_fake) >= d:
+            out[d] = frechet_distance(*statistics)
+            continue
+        warnings.warn(f"FID-{d}: {n_real} real / {n_fake} generated images, fewer than the {d} feature dims; "
+                      f"the covariances are singular and the value is not comparable with published FIDs")
+        try:
+            out[d] = frechet_distance(*statistics)
+        except MinisdError as e:  # sqrtm of a singular product can fail: this dim only goes unreported
+            warnings.warn(f"FID-{d}: not computed ({e}); use at least {d} images per set")
+            out[d] = None
     return out
 
 

@@ -295,6 +295,22 @@ def test_frechet_distance_rejects_imaginary_component(monkeypatch):
         metrics.frechet_distance(np.zeros(3), np.eye(3), np.zeros(3), np.eye(3))
 
 
+def test_fid_leaves_out_only_an_undersampled_dim_whose_root_is_not_real(monkeypatch):
+    rng = np.random.default_rng(0)
+    real, fake = ({d: rng.normal(size=(6, d)) for d in (4, 8)} for _ in range(2))
+    want = pytorch_fid_score.calculate_frechet_distance(*metrics.activation_statistics(real[4]),
+                                                        *metrics.activation_statistics(fake[4]))
+    real_sqrtm = metrics.linalg.sqrtm
+    monkeypatch.setattr(metrics.linalg, "sqrtm", lambda a: real_sqrtm(a) + (1j if len(a) == 8 else 0))
+    with pytest.warns(UserWarning) as caught:
+        got = metrics.fid(real, fake)
+    assert got[8] is None and got[4] == pytest.approx(want, rel=1e-6)
+    assert any("FID-8: not computed" in str(w.message) and "imaginary component" in str(w.message) for w in caught)
+    real[8], fake[8] = rng.normal(size=(20, 8)), rng.normal(size=(20, 8))  # enough images: still an error
+    with pytest.raises(MinisdError, match="imaginary component"):
+        metrics.fid(real, fake)
+
+
 def test_fid_needs_two_images():
     with pytest.raises(MinisdError, match="at least 2 images"):
         metrics.fid({64: np.zeros((1, 64))}, {64: np.ones((5, 64))})
