@@ -16,6 +16,7 @@ Memory: 2 × 4 × (R/8)² fp32 values per image, 50 KB at 224 px and 256 KB at 5
 import hashlib
 import json
 import os
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -153,14 +154,19 @@ class PromptCache:
     def __init__(self, sd, prompts, autocast, dtype=None, batch_size=32):
         distinct = [""] + sorted(set(prompts) - {""})
         self.row = {prompt: i for i, prompt in enumerate(distinct)}
-        parts = []
+        parts, truncated = [], 0
         with torch.no_grad():
             for start in range(0, len(distinct), batch_size):
-                ids = sd.tokenizer(distinct[start:start + batch_size]).to(sd.device)
+                ids, count = sd.tokenizer.tokenize(distinct[start:start + batch_size])
+                ids, truncated = ids.to(sd.device), truncated + count
                 with autocast():
                     context = sd.text_encoder(ids)
                 parts.append(context.to(dtype or context.dtype))
         self.table = torch.cat(parts)
+        if truncated:
+            length = sd.tokenizer.length
+            warnings.warn(f"{truncated} of {len(distinct)} distinct prompts are longer than {length} tokens and are "
+                          f"truncated to {length}, as the text encoder reads them")
 
     def rows(self, prompts):
         return torch.tensor([self.row[p] for p in prompts], dtype=torch.long)

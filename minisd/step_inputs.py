@@ -1,6 +1,8 @@
 """What a training step reads (part of minisd.training's Trainer): the run's plan of images and its batches,
 the random draws, the pre-pass's caches (minisd.latents), a micro-batch's host tensors and their form on the
 device."""
+import warnings
+
 import torch
 
 from .latents import PromptCache, as_list, build_latent_cache
@@ -100,7 +102,13 @@ class StepInputs:
         """[B, 77] token ids, each distinct prompt tokenised once per run (the BPE is Python, on the host)."""
         missing = [p for p in dict.fromkeys(prompts) if p not in self.tokens]
         if missing:
-            self.tokens.update(zip(missing, self.sd.tokenizer(missing)))
+            ids, truncated = self.sd.tokenizer.tokenize(missing)
+            self.tokens.update(zip(missing, ids))
+            if truncated and not self.warned_truncation:   # once per run, not at every step that meets a long report
+                self.warned_truncation = True
+                length = self.sd.tokenizer.length
+                warnings.warn(f"prompts longer than {length} tokens are truncated to {length}, as the text encoder "
+                              f"reads them (said once per run)")
         return torch.stack([self.tokens[p] for p in prompts])
 
     def device_batch(self, x, latents):

@@ -78,6 +78,13 @@ class Tokenizer:
         return ids
 
     def __call__(self, prompts):
+        ids, truncated = self.tokenize(prompts)
+        if truncated:
+            warnings.warn(f"{truncated} prompt(s) longer than {self.length} tokens were truncated", stacklevel=2)
+        return ids
+
+    def tokenize(self, prompts):
+        """([N, length] token ids, how many prompts were truncated to fit), without a warning."""
         if isinstance(prompts, str):
             prompts = [prompts]
         rows, truncated = [], 0
@@ -87,6 +94,4 @@ class Tokenizer:
                 truncated += 1
                 ids = ids[: self.length - 2]
             rows.append([START] + ids + [END] * (self.length - 1 - len(ids)))
-        if truncated:
-            warnings.warn(f"{truncated} prompt(s) longer than {self.length} tokens were truncated", stacklevel=2)
-        return torch.tensor(rows, dtype=torch.long)
+        return torch.tensor(rows, dtype=torch.long), truncated

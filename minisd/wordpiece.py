@@ -34,11 +34,15 @@ class WordPieceTokenizer:
         self.backend.enable_padding(length=length, pad_id=self.pad_id, pad_token="[PAD]")
 
     def __call__(self, prompts):
+        ids, truncated = self.tokenize(prompts)
+        if truncated:
+            warnings.warn(f"{truncated} prompt(s) longer than {self.length} tokens were truncated", stacklevel=2)
+        return ids
+
+    def tokenize(self, prompts):
+        """([N, length] token ids, how many prompts were truncated to fit), without a warning."""
         if isinstance(prompts, str):
             prompts = [prompts]
         # One at a time: encode_batch's thread pool would make every later fork (data loader workers) warn.
         encodings = [self.backend.encode(prompt) for prompt in prompts]
-        truncated = sum(bool(e.overflowing) for e in encodings)
-        if truncated:
-            warnings.warn(f"{truncated} prompt(s) longer than {self.length} tokens were truncated", stacklevel=2)
-        return torch.tensor([e.ids for e in encodings], dtype=torch.long)
+        return torch.tensor([e.ids for e in encodings], dtype=torch.long), sum(bool(e.overflowing) for e in encodings)

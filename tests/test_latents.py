@@ -1,6 +1,7 @@
 """Latents once: training from the pre-pass's cache equals encoding at every step; each file is decoded once."""
 import csv
 import json
+import warnings
 from collections import Counter
 
 import numpy as np
@@ -38,7 +39,7 @@ def test_cached_latents_and_prompts_train_like_encoding_at_every_step(tmp_path, 
         assert torch.allclose(value, encoded[1][name], rtol=1e-4, atol=1e-7), name
 
 
-def folder_data(root, splits):
+def folder_data(root, splits, text=lambda k: f"film {k % 3}"):
     root.mkdir()
     rng = np.random.default_rng(0)
     with open(root / "metadata.csv", "w", newline="") as f:
@@ -46,7 +47,7 @@ def folder_data(root, splits):
         writer.writerow(["file_name", "text", "split"])
         for k, split in enumerate(s for s, count in splits.items() for _ in range(count)):
             Image.fromarray(rng.integers(0, 256, (40, 48), dtype=np.uint8)).save(root / f"{k}.png")
-            writer.writerow([f"{k}.png", f"film {k % 3}", split])
+            writer.writerow([f"{k}.png", text(k), split])
 
 
 def test_the_pre_pass_decodes_each_file_once(tmp_path, monkeypatch):
@@ -66,6 +67,20 @@ def test_the_pre_pass_decodes_each_file_once(tmp_path, monkeypatch):
     manifest = lambda split: [json.loads(line)["file"] for line in open(tmp_path / "runs" / "films" / f"manifest_{split}.jsonl")]  # noqa: E731
     used = manifest("train") + manifest("val")[:2]
     assert sorted(decoded) == sorted(used) and set(decoded.values()) == {1}
+
+
+@pytest.mark.parametrize("flags", [[], ["--freeze-text-encoder"], ["--no-cache-latents"]])
+def test_long_reports_are_warned_about_once_per_run(tmp_path, monkeypatch, flags):
+    """Whether prompts are tokenised as batches first meet them or all at once for the prompt cache."""
+    folder_data(tmp_path / "films", {"train": 10, "val": 3}, text=lambda k: f"film {k} " + "pleural effusion " * 60)
+    script = load_script("train.py")   # before recording: loading it routes warnings to its display
+    monkeypatch.chdir(tmp_path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        script.main([*ARGS, "--data", "folder", "--data-root", str(tmp_path / "films"), "--max-steps", "6",
+                     "--run-name", "long", *flags])
+    said = [str(w.message) for w in caught if "tokens" in str(w.message) and "truncated" in str(w.message)]
+    assert len(said) == 1, said
 
 
 def test_disk_cache_is_reused_only_for_the_same_vae(tmp_path, monkeypatch):
