@@ -8,7 +8,6 @@
 
 Writes eval.json and eval.md (and grid.png) to --out and prints the Markdown table.
 """
-import json
 import sys
 import warnings
 from pathlib import Path
@@ -20,7 +19,7 @@ from minisd.cli import (PRECISIONS, ArgumentParser, check, check_data_root, chec
                         check_steps, check_window, data_seed_of, main_guard, output_folder, pick_device,
                         read_run_record, run_folder, run_outputs, warn_half_precision_on_cpu)
 from minisd.errors import MinisdError
-from minisd.files import clear_outputs
+from minisd.files import atomic_text, clear_outputs, json_text
 from minisd.evaluation import evaluate_folders, evaluate_model, latest_run, markdown, save_grid
 from minisd.inception import DIMS, RESIZE_MODE
 
@@ -204,8 +203,8 @@ def main(argv=None):
     report.setdefault("truncated_prompts", 0)
     report["warnings"] = messages
     table = markdown(report)
-    (out / "eval.json").write_text(json.dumps(report, indent=2))
-    (out / "eval.md").write_text(table)
+    atomic_text(json_text(report), out / "eval.json")
+    atomic_text(table, out / "eval.md")
     save_grid(rows, out / "grid.png")
     for m in messages:
         print(f"warning: {m}", file=sys.stderr)

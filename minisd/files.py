@@ -2,6 +2,8 @@
 and a failed write (a full disk, no permission) reported as one error naming the file."""
 import contextlib
 import errno
+import json
+import math
 import os
 import re
 import shutil
@@ -48,6 +50,32 @@ def atomic_write(path, write, suffix="", errors=()):
         with contextlib.suppress(OSError):
             os.remove(tmp)
         raise write_error(path, e) from None
+
+
+def json_text(data):
+    """Standard JSON (which has no NaN or Infinity): a non-finite number, such as the PSNR of identical
+    images, is written as null."""
+    def finite(x):
+        if isinstance(x, float) and not math.isfinite(x):
+            return None
+        if isinstance(x, dict):
+            return {k: finite(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [finite(v) for v in x]
+        return x
+    return json.dumps(finite(data), indent=2, allow_nan=False) + "\n"
+
+
+def atomic_text(text, path):
+    """Write a text file through a temporary file and a rename (the folder must exist)."""
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+    atomic_write(path, write)
+
+
+def atomic_json(data, path):
+    atomic_text(json_text(data), path)
 
 
 def remove_temporary_files(folder):

@@ -14,7 +14,7 @@ import warnings
 import torch
 
 from .errors import MinisdError
-from .files import atomic_write, remove_temporary_files, write_error
+from .files import atomic_write, json_text, remove_temporary_files, write_error
 from .images import captioned_grid, save_png
 
 try:
@@ -128,7 +128,7 @@ class Run:
 
             def write(tmp):
                 with open(tmp, "w") as f:
-                    json.dump(payload, f, indent=2)
+                    f.write(json_text(payload))
             atomic_write(self.file(name), write)
 
     def close(self):

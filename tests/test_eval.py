@@ -108,6 +108,21 @@ def test_folder_mode(ws, script, tmp_path, capsys):
     assert Image.open(out / "grid.png").size == (6 * 130 + 2, 2 * 130 + 2)
 
 
+def test_eval_json_is_standard_json_when_a_metric_is_infinite(ws, script, tmp_path):
+    """Identical real and generated images: PSNR is infinite, which JSON cannot hold (Python's json would
+    write Infinity, which strict parsers refuse)."""
+    out = tmp_path / "out"
+    argv = folder_args(ws, out, "--no-clip")
+    report = script.main([*argv[:argv.index("--fake") + 1], str(ws / "real"), *argv[argv.index("--fake") + 2:]])
+    assert report["psnr"]["mean"] == float("inf")
+
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+    written = json.loads((out / "eval.json").read_text(), parse_constant=refuse)
+    assert written["psnr"]["mean"] is None and written["ssim"]["mean"] == pytest.approx(1.0)
+    assert "| PSNR (dB) | inf ± 0 |" in (out / "eval.md").read_text()
+
+
 def test_inception_weights_of_another_hash_are_refused_unless_forced(ws, script, tmp_path, capsys):
     argv = [a for a in folder_args(ws, tmp_path / "out") if a != "--force-inception-weights"]
     with pytest.raises(SystemExit) as stop:   # was: FID computed with any weights of the right shapes

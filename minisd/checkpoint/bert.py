@@ -9,7 +9,8 @@ from ..bert import BertConfig
 from ..errors import MinisdError
 from ..wordpiece import WordPieceTokenizer
 from .configs import NUMBER, POSITIVE, setting
-from .files import atomic_json, atomic_save, atomic_text, first_line, read_json, read_tensors, shard_files
+from ..files import atomic_json, atomic_text
+from .files import atomic_save, first_line, read_json, read_tensors, shard_files
 from .reading import resolve_hub_id
 
 WEIGHTS = ("model.safetensors", "pytorch_model.bin")

@@ -18,7 +18,8 @@ from ..cxr.config import CXRConfig, CXRUNetConfig, CXRVAEConfig
 from ..errors import MinisdError
 from .bert import read_bert_folder, save_bert_folder
 from .configs import NUMBER, POSITIVE, POSITIVES, setting
-from .files import atomic_json, atomic_save, read_json, read_tensors
+from ..files import atomic_json
+from .files import atomic_save, read_json, read_tensors
 from .names import CXR_CLASS, CXR_UNET_CLASS
 from .writing import write_scheduler
 

@@ -111,18 +111,6 @@ def atomic_save(tensors, path, metadata=None):
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata), errors=(SafetensorError,))
 
 
-def atomic_text(text, path):
-    """Write a text file through a temporary file and a rename (the folder must exist)."""
-    def write(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-    atomic_write(path, write)
-
-
-def atomic_json(data, path):
-    atomic_text(json.dumps(data, indent=2) + "\n", path)
-
-
 def all_finite(t):
     """No NaN or inf, in one vectorised pass: min and max propagate NaN, and an inf is an extreme."""
     if t.numel() == 0:

@@ -2,7 +2,8 @@
 import json
 import os
 
-from .files import atomic_json, atomic_save, atomic_text
+from ..files import atomic_json, atomic_text
+from .files import atomic_save
 from .names import DIFFUSERS_FILES, PREFIXES, to_diffusers_name
 
 
