@@ -69,7 +69,7 @@ def test_the_pre_pass_decodes_each_file_once(tmp_path, monkeypatch):
     assert sorted(decoded) == sorted(used) and set(decoded.values()) == {1}
 
 
-@pytest.mark.parametrize("flags", [[], ["--freeze-text-encoder"], ["--no-cache-latents"]])
+@pytest.mark.parametrize("flags", [[], ["--freeze-text-encoder"]])
 def test_long_reports_are_warned_about_once_per_run(tmp_path, monkeypatch, flags):
     """Whether prompts are tokenised as batches first meet them or all at once for the prompt cache."""
     folder_data(tmp_path / "films", {"train": 10, "val": 3}, text=lambda k: f"film {k} " + "pleural effusion " * 60)
