@@ -25,7 +25,8 @@ def parse_args(argv):
     p.add_argument("--steps", type=int, default=50, help="DDIM steps")
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
     p.add_argument("--seed", type=int, default=0, help="image k of the call starts from noise seeded seed + k")
-    p.add_argument("--height", type=int, help="pixels (default 512; 128 for the tiny model; a chest-X-ray LDM's own, 256)")
+    p.add_argument("--height", type=int, help="pixels (default: the --run's training resolution, else 512; 128 for the "
+                                              "tiny model; a chest-X-ray LDM's own, 256)")
     p.add_argument("--width", type=int)
     p.add_argument("--num-images", type=int, default=1, help="images per prompt")
     p.add_argument("--batch-size", type=int, default=4, help="images per sampling batch")
@@ -63,7 +64,7 @@ def main(argv=None):
         if getattr(args, flag) is not None:
             check_pixels(f"--{flag}", getattr(args, flag))
     prompts = [p for p in read_prompts(args) for _ in range(args.num_images)]
-    model, adapter = args.model, args.adapter
+    model, adapter, run_resolution = args.model, args.adapter, None
     if args.run:
         folder = run_folder("--run", args.run)
         try:
@@ -72,6 +73,9 @@ def main(argv=None):
             raise MinisdError(f"--run {args.run}: {e}") from None
         recorded_model, recorded_adapter = run_outputs("--run", folder, record)
         model, adapter = model or recorded_model, adapter or recorded_adapter
+        run_resolution = record.get("resolution") if model == recorded_model else None   # what it trained at
+        if run_resolution is not None and not (isinstance(run_resolution, int) and run_resolution >= 8 and run_resolution % 8 == 0):
+            raise MinisdError(f"{os.path.join(folder, 'args.json')}: 'resolution' is {run_resolution!r}, expected a positive multiple of 8")
     model = model or minisd.DEFAULT_MODEL
     output_folder("--out", args.out)
     clear_outputs(args.out, ("[0-9][0-9][0-9][0-9]-seed*.png", "grid.png", "prompts.json"))   # an earlier call's images
@@ -82,7 +86,7 @@ def main(argv=None):
         from minisd.adapters import load_adapter
         load_adapter(sd, adapter)
     prepare_for_sampling(sd, device)
-    default_size = native_resolution(model) or (128 if model == "tiny" else 512)
+    default_size = run_resolution or native_resolution(model) or (128 if model == "tiny" else 512)
     images = ddim_sample(sd, prompts, negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance,
                          height=args.height or default_size, width=args.width or default_size, seed=args.seed,
                          batch_size=args.batch_size)

@@ -457,3 +457,19 @@ def test_sample_script_writes_images(tmp_path):
     from PIL import Image
     assert Image.open(tmp_path / "out" / "0000-seed0.png").size == (48, 64)
     assert [p["prompt"] for p in json.load(open(tmp_path / "out" / "prompts.json"))] == ["lungs", "a chest x-ray", "an enlarged heart"]
+
+
+def test_sample_script_takes_the_size_of_the_run(tmp_path, monkeypatch):
+    """sample.py --run samples at the resolution the run trained (and validated) at, as eval.py --run does."""
+    from minisd.adapters import inject, save_adapter
+    from helpers import load_script
+    run = tmp_path / "runs" / "small"
+    run.mkdir(parents=True)
+    (run / "args.json").write_text(json.dumps({"model": "tiny", "data": "phantom", "resolution": 64}))
+    sd = minisd.build("tiny")
+    inject(sd, "lora", rank=1)
+    save_adapter(run / "adapter.safetensors", sd, "lora", 1.0)
+    monkeypatch.chdir(tmp_path)
+    load_script("sample.py").main(["--run", "small", "--prompt", "lungs", "--steps", "1", "--out", "out"])
+    from PIL import Image
+    assert Image.open(tmp_path / "out" / "0000-seed0.png").size == (64, 64)
