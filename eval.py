@@ -18,6 +18,7 @@ from minisd.adapters import read_adapter
 from minisd.cli import (PRECISIONS, ArgumentParser, check, check_data_root, check_finite, check_pixels, check_seed,
                         check_steps, check_window, data_seed_of, main_guard, output_folder, pick_device,
                         read_run_record, run_folder, run_outputs, warn_half_precision_on_cpu)
+from minisd.data import DATASETS, same_studies
 from minisd.errors import MinisdError
 from minisd.files import atomic_text, clear_outputs, json_text
 from minisd.evaluation import evaluate_folders, evaluate_model, latest_run, markdown, save_grid
@@ -37,7 +38,7 @@ def parse_args(argv):
     g.add_argument("--adapter", help="adapter .safetensors written by train.py")
     g.add_argument("--run", help="runs/NAME: its model, data and adapter (--model, --adapter, --data-root override), "
                                  "evaluated on its recorded split manifest at its resolution")
-    g.add_argument("--data", help="data set name: iuxray, montgomery, folder, phantom")
+    g.add_argument("--data", choices=sorted(DATASETS), help="data set")
     g.add_argument("--data-root", help="data folder (default data/NAME)")
     g.add_argument("--split", default="test", help="split whose prompts and images are used")
     g.add_argument("--data-seed", type=int,
@@ -140,21 +141,21 @@ def resolve_run(args):
 
 
 def resolve_adapter(args):
-    """Adapter mode: the resolution and, on the data it was trained on, the data seed of its training
-    arguments (its metadata), and its run's manifest when the adapter lies in its run folder."""
+    """Adapter mode: the resolution and, on the data it was trained on (or the same studies), the data seed of
+    its training arguments (its metadata), and its run's manifest when the adapter lies in its run folder."""
     _, meta = read_adapter(args.adapter)
     trained = meta.get("args") if isinstance(meta.get("args"), dict) else {}
     args.resolution = args.resolution or trained.get("resolution")
     args.window = args.window or trained.get("window")
-    if trained.get("data") != args.data:
+    if not same_studies(trained.get("data"), args.data):
         return
     seed = data_seed_of(trained)
     if args.data_seed is not None and args.data_seed != seed:
-        raise MinisdError(f"--data-seed {args.data_seed}: {args.adapter} was trained on the {args.data} split of data "
-                          f"seed {seed}; another split's {args.split} images include its training images")
+        raise MinisdError(f"--data-seed {args.data_seed}: {args.adapter} was trained on the {trained['data']} split "
+                          f"of data seed {seed}; another split's {args.split} images include its training images")
     args.data_seed, args.fractions = seed, trained.get("split")
     manifest = Path(args.adapter).parent / f"manifest_{args.split}.jsonl"
-    if manifest.is_file():
+    if manifest.is_file() and trained.get("data") == args.data:   # the other release names its files otherwise
         args.manifest = str(manifest)
 
 

@@ -1,5 +1,4 @@
 """Generate images with SD-1.5 (optionally with a trained adapter) by DDIM with classifier-free guidance."""
-import json
 import os
 
 import minisd
@@ -7,7 +6,7 @@ from minisd.cli import (PRECISIONS, ArgumentParser, check, check_finite, check_p
                         output_folder, pick_device, read_run_record, run_folder, run_outputs, warn_half_precision_on_cpu)
 from minisd.cxr.model import native_resolution
 from minisd.errors import MinisdError
-from minisd.files import clear_outputs
+from minisd.files import atomic_json, clear_outputs
 from minisd.images import captioned_grid, save_png
 from minisd.layout import prepare_for_sampling
 from minisd.sampling import ddim_sample
@@ -94,8 +93,8 @@ def main(argv=None):
         save_png(image, os.path.join(args.out, f"{k:04d}-seed{args.seed + k}.png"))
     columns = args.num_images if args.num_images > 1 else None
     save_png(captioned_grid(images, prompts, columns=columns), os.path.join(args.out, "grid.png"))
-    with open(os.path.join(args.out, "prompts.json"), "w") as f:
-        json.dump([{"file": f"{k:04d}-seed{args.seed + k}.png", "prompt": p, "seed": args.seed + k} for k, p in enumerate(prompts)], f, indent=1)
+    atomic_json([{"file": f"{k:04d}-seed{args.seed + k}.png", "prompt": p, "seed": args.seed + k}
+                 for k, p in enumerate(prompts)], os.path.join(args.out, "prompts.json"))
     print(f"wrote {len(images)} image(s) and grid.png to {args.out}")
 
 

@@ -19,12 +19,11 @@ import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 from . import inception, metrics
 from .cli import RUNS
 from .errors import MinisdError
-from .files import atomic_write
+from .files import atomic_json
 
 COMPARISONS = "comparisons"
 LABELS = {"lora": "LoRA", "dylora": "DyLoRA", "adalora": "AdaLoRA", "selora": "SeLoRA"}
@@ -315,11 +314,6 @@ def check_settings(grid):
                               f"{grid.data[data]}: give the same folder to continue it, or a new --name")
 
 
-def write_text(path, text):
-    """Through a temporary file and a rename: a reader never sees half a file."""
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
-
-
 def duration(seconds):
     seconds = round(seconds)
     if seconds < 60:
@@ -380,7 +374,7 @@ class Runner:
 
     def __call__(self, cells):
         os.makedirs(self.logs, exist_ok=True)
-        write_text(os.path.join(self.grid.folder, "grid.json"), json.dumps(asdict(self.grid), indent=2))
+        atomic_json(asdict(self.grid), os.path.join(self.grid.folder, "grid.json"))
         for i, cell in enumerate(cells, 1):
             tag = f"[{i}/{len(cells)}] {cell.folder}:"
             try:

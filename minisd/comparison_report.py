@@ -10,7 +10,8 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from .comparison import cells as grid_cells, duration, evaluation_of, flag_argv, read_record, trained, write_text
+from .comparison import cells as grid_cells, duration, evaluation_of, flag_argv, read_record, trained
+from .files import atomic_text
 from .plots import rank_grid, save_figure
 
 PART_TITLES = {"text_encoder": "text encoder", "unet": "U-Net"}   # the paper's order
@@ -186,6 +187,6 @@ def write_report(grid, weights, failures):
         os.remove(figure)   # of cells that are no longer in the grid
     text = markdown(grid, rows, weights, failures, os.path.exists(figure))
     for name, content in (("comparison.md", text), ("comparison.csv", csv_text(rows))):
-        write_text(os.path.join(grid.folder, name), content)
+        atomic_text(content, os.path.join(grid.folder, name))
     return text
 

@@ -29,6 +29,9 @@ from .errors import MinisdError
 from .image_files import UNREADABLE, image_problem, image_size, load_image
 
 DATASETS = ("iuxray", "montgomery", "folder", "phantom", "openi")
+# IU X-Ray's two releases hold the same studies and split them alike (by study, from the data seed): an adapter
+# trained on one must be evaluated on the other with its own data seed.
+SAME_STUDIES = {"openi": "iuxray"}
 THREE_WAY = {"train": 0.8, "val": 0.16, "test": 0.04}
 TWO_WAY = {"train": 0.8, "test": 0.2}
 PHANTOM_SIZE = 2000
@@ -313,6 +316,11 @@ def read_folder(root):
         named = {split for _, _, split in candidates}
         return candidates, skipped, [s for s in THREE_WAY if s in named] + sorted(named - set(THREE_WAY))
     return candidates, skipped, THREE_WAY
+
+
+def same_studies(a, b):
+    """Whether data sets `a` and `b` (names) hold the same studies, so that one data seed splits both alike."""
+    return SAME_STUDIES.get(a, a) == SAME_STUDIES.get(b, b)
 
 
 def read_openi(root):

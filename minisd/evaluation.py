@@ -1,6 +1,5 @@
 """The evaluation protocol: metrics of generated images against real ones, from two folders or from a
 model generating one image per test prompt per seed, and the Markdown report."""
-import json
 import math
 import os
 import warnings
@@ -13,6 +12,7 @@ import torch.nn.functional as F
 from . import metrics, xrv
 from .cli import PRECISIONS, read_run_record, split_fractions
 from .errors import MinisdError
+from .files import atomic_json
 from .images import grid, save_png
 from .inception import RESIZE_MODE, load_inception, sha256_file, verify_weights, weights_path
 from .model import load
@@ -180,7 +180,7 @@ def evaluate_model(args, device):
             name = f"{k:04d}-{str(item['id']).replace(os.sep, '_')}.png"
             save_png(metrics.to_unit(image), folder / name)
             manifest.append({"file": name, "id": item["id"], "prompt": item["prompt"], "noise_seed": noise_seed + k})
-        (folder / "prompts.json").write_text(json.dumps(manifest, indent=1))
+        atomic_json(manifest, folder / "prompts.json")
         per_seed[str(seed)] = evaluate(real, fake, list(zip(real, fake)), prompts)
         generated.append(fake)
     n = min(len(real), GRID_COLUMNS)

@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from minisd import evaluation, inception, metrics
+from minisd.errors import MinisdError
 from minisd.inception import FIDInception
 from helpers import load_script
 
@@ -121,6 +122,25 @@ def test_eval_json_is_standard_json_when_a_metric_is_infinite(ws, script, tmp_pa
     written = json.loads((out / "eval.json").read_text(), parse_constant=refuse)
     assert written["psnr"]["mean"] is None and written["ssim"]["mean"] == pytest.approx(1.0)
     assert "| PSNR (dB) | inf ± 0 |" in (out / "eval.md").read_text()
+
+
+def test_an_adapter_keeps_its_split_on_the_other_release_of_its_studies(tmp_path, script):
+    """Trained on OpenI's release with data seed 1: evaluated on the Kaggle release of the same studies, the split
+    is still seed 1's (seed 0's test images would include its training images)."""
+    from argparse import Namespace
+    from minisd.adapters.io import write_adapter
+    adapter = tmp_path / "adapter.safetensors"
+    write_adapter(adapter, {"layer.lora_A": torch.zeros(1, 4), "layer.lora_B": torch.zeros(4, 1)}, "lora", 1.0, 1.0,
+                  {"layer": 1}, "base", args={"data": "openi", "data_seed": 1, "resolution": 64})
+    args = Namespace(adapter=str(adapter), data="iuxray", data_seed=None, resolution=None, window=None, split="test",
+                     fractions=None, manifest=None)
+    script.resolve_adapter(args)
+    assert (args.data_seed, args.manifest) == (1, None)
+    with pytest.raises(MinisdError, match="trained on the openi split of data seed 1"):
+        script.resolve_adapter(Namespace(**{**vars(args), "data_seed": 0}))
+    phantom = Namespace(**{**vars(args), "data": "phantom", "data_seed": None})
+    script.resolve_adapter(phantom)
+    assert phantom.data_seed is None
 
 
 def test_inception_weights_of_another_hash_are_refused_unless_forced(ws, script, tmp_path, capsys):
