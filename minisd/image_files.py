@@ -27,6 +27,7 @@ GREY = ("MONOCHROME1", "MONOCHROME2")
 COLOUR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT")
 PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"
 SEQUENCE_END = b"\xfe\xff\xdd\xe0"  # the item that closes encapsulated (compressed) pixel data
+PIXELS_LONGER = "DICOM pixel data larger than one film of its Rows × Columns"
 
 
 class UnreadableImage(ValueError):
@@ -163,6 +164,11 @@ def read_dicom(path, window=None):
             pixels = ds.pixel_array
         except Exception as e:
             raise UnreadableImage(f"{path}: its pixel data cannot be decoded ({first_line(e)})") from None
+        # pydicom reads data that holds more than one frame as several frames
+        film = (ds.Rows, ds.Columns) + ((3,) if ds.PhotometricInterpretation in COLOUR else ())
+        if pixels.shape != film:
+            raise UnreadableImage(f"{path}: {PIXELS_LONGER} (Rows {ds.Rows}, Columns {ds.Columns}, Samples per "
+                                  f"Pixel {ds.get('SamplesPerPixel')}; decoded as {'×'.join(map(str, pixels.shape))})")
         try:
             return display_planes(pixels, ds, window)
         except Exception as e:   # a LUT or window the standard does not allow
@@ -254,6 +260,8 @@ def dicom_problem(path):
             frame = ds.Rows * ds.Columns * ds.get("SamplesPerPixel", 1) * ds.BitsAllocated
             complete = (element.length >= (frame + 7) // 8
                         and element.value_tell + element.length <= os.path.getsize(path))
+            if 0 < frame and element.length >= 2 * ((frame + 7) // 8):
+                return PIXELS_LONGER
         except FileNotFoundError:
             return "missing image"
         except Exception:

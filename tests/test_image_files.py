@@ -243,3 +243,41 @@ def test_bad_dicoms_in_a_data_set_are_skipped_counted_and_named(tmp_path):
     assert "1 DICOM without pixel data" in message and "1 multi-frame DICOM" in message
     assert "2 unreadable image" in message and "which pydicom cannot decode" in message
     assert ds.report["DICOM without pixel data"] == 1 and ds.report["unreadable image"] == 2
+
+
+# ------------------------------------------------------------------------------------------- header edge cases
+def edited_dicom(path, edit, pixels=None, **kwargs):
+    """A film written by write_dicom, then changed by `edit(ds)` as pydicom allows (no validation)."""
+    from pydicom import config
+    ds = pydicom.dcmread(write_dicom(path, np.arange(48 * 64, dtype=np.uint16).reshape(48, 64) if pixels is None
+                                     else pixels, **kwargs))
+    edit(ds)
+    with config.disable_value_validation():
+        ds.save_as(path)
+    return path
+
+
+def halve_columns(ds):
+    ds.Columns = 32
+
+
+def one_bit(ds):
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 1, 1, 0
+
+
+def as_one_sample(ds):
+    ds.SamplesPerPixel = 1
+
+
+@pytest.mark.parametrize("edit, kwargs", [
+    (halve_columns, {}),                                    # was: a traceback, or a [3, 2, 48, 32] "image"
+    (one_bit, {}),                                          # 16 frames of 1-bit pixels
+    (as_one_sample, {"pixels": np.zeros((16, 16, 3), np.uint8), "photometric": "RGB", "bits_stored": 8}),
+])
+def test_pixel_data_larger_than_one_film_is_one_line(tmp_path, edit, kwargs):
+    path = edited_dicom(tmp_path / "long.dcm", edit, **kwargs)
+    assert image_files.image_problem(path) == image_files.PIXELS_LONGER
+    with pytest.raises(MinisdError, match=f"^{path}: {image_files.PIXELS_LONGER} .*decoded as"):
+        metrics.load_image(path)
+    with pytest.raises(image_files.UnreadableImage, match=image_files.PIXELS_LONGER):
+        image_files.load_image(path, 8)
