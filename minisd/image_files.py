@@ -275,7 +275,8 @@ def dataset_problem(ds):
     from pydicom.pixels import get_decoder
     from pydicom.uid import ImplicitVRLittleEndian
     if "PixelData" not in ds:
-        return "DICOM without pixel data"
+        floats = "FloatPixelData" in ds or "DoubleFloatPixelData" in ds   # parametric maps, not films
+        return "DICOM with float pixel data (minisd reads films)" if floats else "DICOM without pixel data"
     if any(k not in ds for k in ("Rows", "Columns", "BitsAllocated", "BitsStored", "PhotometricInterpretation")):
         return "unreadable image"
     try:

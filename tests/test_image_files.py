@@ -281,3 +281,12 @@ def test_pixel_data_larger_than_one_film_is_one_line(tmp_path, edit, kwargs):
         metrics.load_image(path)
     with pytest.raises(image_files.UnreadableImage, match=image_files.PIXELS_LONGER):
         image_files.load_image(path, 8)
+
+
+def test_float_pixel_data_is_named(tmp_path):
+    def to_float(ds):
+        del ds.PixelData, ds.PixelRepresentation
+        ds.FloatPixelData = np.zeros((48, 64), np.float32).tobytes()
+        ds.BitsAllocated = ds.BitsStored = 32
+    path = edited_dicom(tmp_path / "map.dcm", to_float)
+    assert image_files.image_problem(path) == "DICOM with float pixel data (minisd reads films)"   # was: no pixel data
