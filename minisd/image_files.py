@@ -176,9 +176,24 @@ def read_dicom(path, window=None):
 
 
 def dicom_header(path, full=False):
-    """The data set of a DICOM file: all of it, or its header with the pixel data left unread."""
+    """The data set of a DICOM file: all of it, or its header with the pixel data left unread. A file without
+    the preamble (a bare data set, as older tools write) is read as pydicom's force=True reads it, when that
+    finds pixel data; one without a transfer syntax gets the encoding pydicom read it in."""
     import pydicom
-    return pydicom.dcmread(path) if full else pydicom.dcmread(path, defer_size="1 KB")
+    from pydicom.errors import InvalidDicomError
+    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+    options = {} if full else {"defer_size": "1 KB"}
+    try:
+        ds = pydicom.dcmread(path, **options)
+    except InvalidDicomError:
+        ds = pydicom.dcmread(path, force=True, **options)
+        if "PixelData" not in ds:   # not a data set at all: the error without force says so
+            raise
+    if not ds.file_meta.get("TransferSyntaxUID"):
+        implicit, little = ds.original_encoding
+        ds.file_meta.TransferSyntaxUID = (ImplicitVRLittleEndian if implicit else
+                                          ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
+    return ds
 
 
 def display_planes(pixels, ds, window):
@@ -246,7 +261,6 @@ def voi_lut(values, ds, apply_voi):
 
 def dicom_problem(path):
     """What makes a DICOM file unusable, read from its header (the pixel data itself is not decoded), or None."""
-    from pydicom.uid import ImplicitVRLittleEndian
     with warnings.catch_warnings():   # as in read_dicom: a film either reads or is one reason
         warnings.simplefilter("ignore")
         try:
@@ -255,7 +269,7 @@ def dicom_problem(path):
             if problem:
                 return problem
             element = ds.get_item("PixelData", keep_deferred=True)
-            if ds.file_meta.get("TransferSyntaxUID", ImplicitVRLittleEndian).is_encapsulated:
+            if ds.file_meta.TransferSyntaxUID.is_encapsulated:
                 return None if SEQUENCE_END in file_tail(path) else "unreadable image"
             frame = ds.Rows * ds.Columns * ds.get("SamplesPerPixel", 1) * ds.BitsAllocated
             complete = (element.length >= (frame + 7) // 8
@@ -273,7 +287,6 @@ def dataset_problem(ds):
     """What makes a read DICOM data set unusable as one film: no pixel data, several frames, a colour model
     minisd does not read, or pixel data that no installed decoder reads. None if it can be used."""
     from pydicom.pixels import get_decoder
-    from pydicom.uid import ImplicitVRLittleEndian
     if "PixelData" not in ds:
         floats = "FloatPixelData" in ds or "DoubleFloatPixelData" in ds   # parametric maps, not films
         return "DICOM with float pixel data (minisd reads films)" if floats else "DICOM without pixel data"
@@ -287,7 +300,7 @@ def dataset_problem(ds):
         return "multi-frame DICOM (minisd reads single films)"
     if ds.PhotometricInterpretation not in GREY + COLOUR:
         return f"DICOM with photometric interpretation {ds.PhotometricInterpretation}"
-    syntax = ds.file_meta.get("TransferSyntaxUID", ImplicitVRLittleEndian)
+    syntax = ds.file_meta.TransferSyntaxUID   # always set by dicom_header
     try:
         decoder = get_decoder(syntax)
     except NotImplementedError:

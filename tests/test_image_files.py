@@ -283,6 +283,23 @@ def test_pixel_data_larger_than_one_film_is_one_line(tmp_path, edit, kwargs):
         image_files.load_image(path, 8)
 
 
+def test_bare_data_sets_read_as_the_film(tmp_path):
+    """Files without the preamble, or without a transfer syntax, as older tools write them."""
+    film_path = write_dicom(tmp_path / "film.dcm", np.arange(48 * 64, dtype=np.uint16).reshape(48, 64))
+    expected = image_files.read_planes(film_path)[0]
+    ds = pydicom.dcmread(film_path)
+    ds.preamble = None
+    pydicom.dcmwrite(tmp_path / "bare.dcm", ds, enforce_file_format=False)         # was: not a readable DICOM file
+    empty = edited_dicom(tmp_path / "empty.dcm", lambda ds: setattr(ds.file_meta, "TransferSyntaxUID", ""))  # was: a traceback
+    del ds.file_meta
+    ds.save_as(tmp_path / "meta.dcm", implicit_vr=True, little_endian=True)    # was: its pixel data cannot be decoded
+    for path in (tmp_path / "bare.dcm", empty, tmp_path / "meta.dcm"):
+        assert image_files.image_problem(path) is None, path
+        assert np.array_equal(image_files.read_planes(path)[0], expected), path
+    (tmp_path / "text.dcm").write_bytes(b"\x08\x00\x05\x00CS\x04\x00ISO_" * 4)    # a data set, but no film
+    assert image_files.image_problem(tmp_path / "text.dcm") == "unreadable image"
+
+
 def test_float_pixel_data_is_named(tmp_path):
     def to_float(ds):
         del ds.PixelData, ds.PixelRepresentation
