@@ -9,6 +9,7 @@ film without any VOI transform is scaled by its own minimum and maximum, as view
 A 16-bit file whose maximum is below 4096 holds 12-bit data (a common export of 12-bit films): it is scaled
 by 4095, not 65535, with one warning per process.
 """
+import math
 import os
 import re
 import warnings
@@ -202,7 +203,12 @@ def display_planes(pixels, ds, window):
     if ds.PhotometricInterpretation in COLOUR:   # decoded to RGB by pydicom
         scale = 2.0 ** ds.BitsStored - 1
         return [(pixels[..., k] / scale).astype(np.float32) for k in range(3)]
+    rescaled = not ds.get("ModalityLUTSequence") and "RescaleSlope" in ds and "RescaleIntercept" in ds   # as pydicom
+    if rescaled and float(ds.RescaleSlope) == 0:
+        raise ValueError("Rescale Slope 0 makes every pixel the same value")
     values = apply_modality_lut(pixels, ds)
+    if not np.isfinite(values).all():   # e.g. a rescale slope of NaN
+        raise ValueError("it gives values that are not finite")
     if window is not None:
         grey = linear_window(values, *window)
     elif has_voi_lut(ds):
@@ -212,8 +218,6 @@ def display_planes(pixels, ds, window):
     else:
         low, high = float(values.min()), float(values.max())
         grey = (values - low) / (high - low) if high > low else np.zeros(values.shape)
-    if not np.isfinite(grey).all():   # e.g. a rescale slope of NaN
-        raise ValueError("it gives values that are not finite")
     if ds.PhotometricInterpretation == "MONOCHROME1":
         grey = 1 - grey
     return [np.asarray(grey, dtype=np.float32)]
@@ -234,6 +238,8 @@ def file_window(values, ds):
                      (("WindowCenter", ds.WindowCenter), ("WindowWidth", ds.WindowWidth)))
     function = str(ds.get("VOILUTFunction") or "LINEAR").strip().upper()
     values = np.asarray(values, dtype=np.float64)
+    if not (math.isfinite(center) and math.isfinite(width)):
+        raise ValueError(f"Window Center {center} and Width {width}")
     if function == "LINEAR" and width >= 1:
         return linear_window(values, center, width)
     if function == "LINEAR_EXACT" and width > 0:

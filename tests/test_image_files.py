@@ -251,8 +251,8 @@ def edited_dicom(path, edit, pixels=None, **kwargs):
     from pydicom import config
     ds = pydicom.dcmread(write_dicom(path, np.arange(48 * 64, dtype=np.uint16).reshape(48, 64) if pixels is None
                                      else pixels, **kwargs))
-    edit(ds)
     with config.disable_value_validation():
+        edit(ds)
         ds.save_as(path)
     return path
 
@@ -298,6 +298,19 @@ def test_bare_data_sets_read_as_the_film(tmp_path):
         assert np.array_equal(image_files.read_planes(path)[0], expected), path
     (tmp_path / "text.dcm").write_bytes(b"\x08\x00\x05\x00CS\x04\x00ISO_" * 4)    # a data set, but no film
     assert image_files.image_problem(tmp_path / "text.dcm") == "unreadable image"
+
+
+@pytest.mark.parametrize("attributes, reason", [
+    ({"RescaleSlope": 0, "RescaleIntercept": 0}, "Rescale Slope 0"),       # was: a black film
+    ({"RescaleSlope": "NaN", "RescaleIntercept": 0}, "not finite"),        # was: a black film (no window to show it)
+    ({"RescaleSlope": "inf", "RescaleIntercept": 0}, "not finite"),
+    ({"WindowCenter": 100, "WindowWidth": "inf"}, "Window Center 100.0 and Width inf"),   # was: a grey film
+    ({"WindowCenter": "-inf", "WindowWidth": 100}, "Window Center -inf and Width 100.0"),
+])
+def test_degenerate_modality_or_window_is_one_line(tmp_path, attributes, reason):
+    path = edited_dicom(tmp_path / "film.dcm", lambda ds: [ds.__setattr__(k, v) for k, v in attributes.items()])
+    with pytest.raises(MinisdError, match=f"^{path}: its modality or VOI transform cannot be applied .*{reason}"):
+        metrics.load_image(path)
 
 
 def test_float_pixel_data_is_named(tmp_path):
