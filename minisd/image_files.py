@@ -23,6 +23,7 @@ from .checkpoint.files import first_line
 DICOM_SUFFIXES = (".dcm", ".dicom")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff") + DICOM_SUFFIXES
 SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+WIDE = SIXTEEN_BIT + ("F",)   # modes that Pillow's convert would clip to 8 bits
 TWELVE_BIT_MAX = 4095
 GREY = ("MONOCHROME1", "MONOCHROME2")
 COLOUR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT")
@@ -59,6 +60,8 @@ def read_planes(path, window=None):
 
 def to_planes(image, path="image"):
     """A Pillow image as one (grey) or three (colour) float32 planes in [0, 1]; transparency over black."""
+    if image.mode == "F":
+        return [float_plane(np.asarray(image, dtype=np.float32), path)]
     if image.mode in SIXTEEN_BIT:
         return [sixteen_bit_plane(np.asarray(image, dtype=np.float32), path)]
     grey = image.mode in ("1", "L", "LA", "La")
@@ -74,7 +77,10 @@ def to_planes(image, path="image"):
 def sixteen_bit_plane(values, path):
     """16-bit grey values scaled to [0, 1]: by 65535, or by 4095 where the maximum says they are 12-bit data."""
     global _warned_twelve_bit
-    maximum = float(values.max(initial=0))
+    minimum, maximum = float(values.min()), float(values.max())
+    if minimum < 0 or maximum > 65535:   # Pillow's mode I also holds 32-bit integers
+        raise UnreadableImage(f"{path}: 32-bit integer image with values {minimum:.0f} to {maximum:.0f}, outside "
+                              f"the 16-bit range 0 to 65535")
     if maximum > TWELVE_BIT_MAX:
         return values / 65535
     if not _warned_twelve_bit:
@@ -82,6 +88,16 @@ def sixteen_bit_plane(values, path):
         warnings.warn(f"{path}: 16-bit image with maximum {maximum:.0f} < 4096, read as 12-bit data (scaled by "
                       f"{TWELVE_BIT_MAX}, not 65535); other such files are read the same way without a warning")
     return values / TWELVE_BIT_MAX
+
+
+def float_plane(values, path):
+    """A floating-point image (TIFF) holds its grey values in [0, 1]; any other range has no agreed scale."""
+    if not np.isfinite(values).all():
+        raise UnreadableImage(f"{path}: floating-point image with values that are not finite")
+    minimum, maximum = float(values.min()), float(values.max())
+    if minimum < 0 or maximum > 1:
+        raise UnreadableImage(f"{path}: floating-point image with values {minimum:g} to {maximum:g}, outside [0, 1]")
+    return values
 
 
 def resize_and_crop(plane, resolution):

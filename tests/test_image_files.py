@@ -320,3 +320,24 @@ def test_float_pixel_data_is_named(tmp_path):
         ds.BitsAllocated = ds.BitsStored = 32
     path = edited_dicom(tmp_path / "map.dcm", to_float)
     assert image_files.image_problem(path) == "DICOM with float pixel data (minisd reads films)"   # was: no pixel data
+
+
+@pytest.mark.parametrize("values, reason", [
+    (np.full((8, 8), 1000.0, np.float32), "floating-point image with values 1000 to 1000, outside \\[0, 1\\]"),  # was: white
+    (np.full((8, 8), np.nan, np.float32), "floating-point image with values that are not finite"),              # was: black
+    (np.full((8, 8), 70000, np.int32), "32-bit integer image with values 70000 to 70000, outside the 16-bit range"),
+    (np.full((8, 8), -5, np.int32), "32-bit integer image with values -5 to -5, outside the 16-bit range"),
+])
+def test_tiffs_beyond_sixteen_bits_or_unit_floats_are_one_line(tmp_path, values, reason):
+    path = tmp_path / "wide.tif"
+    Image.fromarray(values).save(path)
+    with pytest.raises(MinisdError, match=f"^{path}: {reason}"):
+        metrics.load_image(path)
+    with pytest.raises(image_files.UnreadableImage, match=reason):
+        image_files.load_image(path, 8)
+
+
+def test_float_tiff_in_unit_range_is_read_as_it_is(tmp_path):
+    ramp = np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8)
+    Image.fromarray(ramp).save(tmp_path / "ramp.tif")
+    assert np.array_equal(metrics.load_image(tmp_path / "ramp.tif")[0].numpy(), ramp)   # was: 8-bit steps of 0 and 1
