@@ -9,6 +9,7 @@ film without any VOI transform is scaled by its own minimum and maximum, as view
 A 16-bit file whose maximum is below 4096 holds 12-bit data (a common export of 12-bit films): it is scaled
 by 4095, not 65535, with one warning per process.
 """
+import math
 import os
 import re
 import warnings
@@ -22,11 +23,13 @@ from .checkpoint.files import first_line
 DICOM_SUFFIXES = (".dcm", ".dicom")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff") + DICOM_SUFFIXES
 SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+WIDE = SIXTEEN_BIT + ("F",)   # modes that Pillow's convert would clip to 8 bits
 TWELVE_BIT_MAX = 4095
 GREY = ("MONOCHROME1", "MONOCHROME2")
 COLOUR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT")
 PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"
 SEQUENCE_END = b"\xfe\xff\xdd\xe0"  # the item that closes encapsulated (compressed) pixel data
+PIXELS_LONGER = "DICOM pixel data larger than one film of its Rows × Columns"
 
 
 class UnreadableImage(ValueError):
@@ -57,6 +60,8 @@ def read_planes(path, window=None):
 
 def to_planes(image, path="image"):
     """A Pillow image as one (grey) or three (colour) float32 planes in [0, 1]; transparency over black."""
+    if image.mode == "F":
+        return [float_plane(np.asarray(image, dtype=np.float32), path)]
     if image.mode in SIXTEEN_BIT:
         return [sixteen_bit_plane(np.asarray(image, dtype=np.float32), path)]
     grey = image.mode in ("1", "L", "LA", "La")
@@ -72,7 +77,10 @@ def to_planes(image, path="image"):
 def sixteen_bit_plane(values, path):
     """16-bit grey values scaled to [0, 1]: by 65535, or by 4095 where the maximum says they are 12-bit data."""
     global _warned_twelve_bit
-    maximum = float(values.max(initial=0))
+    minimum, maximum = float(values.min()), float(values.max())
+    if minimum < 0 or maximum > 65535:   # Pillow's mode I also holds 32-bit integers
+        raise UnreadableImage(f"{path}: 32-bit integer image with values {minimum:.0f} to {maximum:.0f}, outside "
+                              f"the 16-bit range 0 to 65535")
     if maximum > TWELVE_BIT_MAX:
         return values / 65535
     if not _warned_twelve_bit:
@@ -80,6 +88,16 @@ def sixteen_bit_plane(values, path):
         warnings.warn(f"{path}: 16-bit image with maximum {maximum:.0f} < 4096, read as 12-bit data (scaled by "
                       f"{TWELVE_BIT_MAX}, not 65535); other such files are read the same way without a warning")
     return values / TWELVE_BIT_MAX
+
+
+def float_plane(values, path):
+    """A floating-point image (TIFF) holds its grey values in [0, 1]; any other range has no agreed scale."""
+    if not np.isfinite(values).all():
+        raise UnreadableImage(f"{path}: floating-point image with values that are not finite")
+    minimum, maximum = float(values.min()), float(values.max())
+    if minimum < 0 or maximum > 1:
+        raise UnreadableImage(f"{path}: floating-point image with values {minimum:g} to {maximum:g}, outside [0, 1]")
+    return values
 
 
 def resize_and_crop(plane, resolution):
@@ -163,6 +181,11 @@ def read_dicom(path, window=None):
             pixels = ds.pixel_array
         except Exception as e:
             raise UnreadableImage(f"{path}: its pixel data cannot be decoded ({first_line(e)})") from None
+        # pydicom reads data that holds more than one frame as several frames
+        film = (ds.Rows, ds.Columns) + ((3,) if ds.PhotometricInterpretation in COLOUR else ())
+        if pixels.shape != film:
+            raise UnreadableImage(f"{path}: {PIXELS_LONGER} (Rows {ds.Rows}, Columns {ds.Columns}, Samples per "
+                                  f"Pixel {ds.get('SamplesPerPixel')}; decoded as {'×'.join(map(str, pixels.shape))})")
         try:
             return display_planes(pixels, ds, window)
         except Exception as e:   # a LUT or window the standard does not allow
@@ -170,9 +193,24 @@ def read_dicom(path, window=None):
 
 
 def dicom_header(path, full=False):
-    """The data set of a DICOM file: all of it, or its header with the pixel data left unread."""
+    """The data set of a DICOM file: all of it, or its header with the pixel data left unread. A file without
+    the preamble (a bare data set, as older tools write) is read as pydicom's force=True reads it, when that
+    finds pixel data; one without a transfer syntax gets the encoding pydicom read it in."""
     import pydicom
-    return pydicom.dcmread(path) if full else pydicom.dcmread(path, defer_size="1 KB")
+    from pydicom.errors import InvalidDicomError
+    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+    options = {} if full else {"defer_size": "1 KB"}
+    try:
+        ds = pydicom.dcmread(path, **options)
+    except InvalidDicomError:
+        ds = pydicom.dcmread(path, force=True, **options)
+        if "PixelData" not in ds:   # not a data set at all: the error without force says so
+            raise
+    if not ds.file_meta.get("TransferSyntaxUID"):
+        implicit, little = ds.original_encoding
+        ds.file_meta.TransferSyntaxUID = (ImplicitVRLittleEndian if implicit else
+                                          ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
+    return ds
 
 
 def display_planes(pixels, ds, window):
@@ -181,7 +219,12 @@ def display_planes(pixels, ds, window):
     if ds.PhotometricInterpretation in COLOUR:   # decoded to RGB by pydicom
         scale = 2.0 ** ds.BitsStored - 1
         return [(pixels[..., k] / scale).astype(np.float32) for k in range(3)]
+    rescaled = not ds.get("ModalityLUTSequence") and "RescaleSlope" in ds and "RescaleIntercept" in ds   # as pydicom
+    if rescaled and float(ds.RescaleSlope) == 0:
+        raise ValueError("Rescale Slope 0 makes every pixel the same value")
     values = apply_modality_lut(pixels, ds)
+    if not np.isfinite(values).all():   # e.g. a rescale slope of NaN
+        raise ValueError("it gives values that are not finite")
     if window is not None:
         grey = linear_window(values, *window)
     elif has_voi_lut(ds):
@@ -191,8 +234,6 @@ def display_planes(pixels, ds, window):
     else:
         low, high = float(values.min()), float(values.max())
         grey = (values - low) / (high - low) if high > low else np.zeros(values.shape)
-    if not np.isfinite(grey).all():   # e.g. a rescale slope of NaN
-        raise ValueError("it gives values that are not finite")
     if ds.PhotometricInterpretation == "MONOCHROME1":
         grey = 1 - grey
     return [np.asarray(grey, dtype=np.float32)]
@@ -213,6 +254,8 @@ def file_window(values, ds):
                      (("WindowCenter", ds.WindowCenter), ("WindowWidth", ds.WindowWidth)))
     function = str(ds.get("VOILUTFunction") or "LINEAR").strip().upper()
     values = np.asarray(values, dtype=np.float64)
+    if not (math.isfinite(center) and math.isfinite(width)):
+        raise ValueError(f"Window Center {center} and Width {width}")
     if function == "LINEAR" and width >= 1:
         return linear_window(values, center, width)
     if function == "LINEAR_EXACT" and width > 0:
@@ -240,7 +283,6 @@ def voi_lut(values, ds, apply_voi):
 
 def dicom_problem(path):
     """What makes a DICOM file unusable, read from its header (the pixel data itself is not decoded), or None."""
-    from pydicom.uid import ImplicitVRLittleEndian
     with warnings.catch_warnings():   # as in read_dicom: a film either reads or is one reason
         warnings.simplefilter("ignore")
         try:
@@ -249,11 +291,13 @@ def dicom_problem(path):
             if problem:
                 return problem
             element = ds.get_item("PixelData", keep_deferred=True)
-            if ds.file_meta.get("TransferSyntaxUID", ImplicitVRLittleEndian).is_encapsulated:
+            if ds.file_meta.TransferSyntaxUID.is_encapsulated:
                 return None if SEQUENCE_END in file_tail(path) else "unreadable image"
             frame = ds.Rows * ds.Columns * ds.get("SamplesPerPixel", 1) * ds.BitsAllocated
             complete = (element.length >= (frame + 7) // 8
                         and element.value_tell + element.length <= os.path.getsize(path))
+            if 0 < frame and element.length >= 2 * ((frame + 7) // 8):
+                return PIXELS_LONGER
         except FileNotFoundError:
             return "missing image"
         except Exception:
@@ -265,9 +309,9 @@ def dataset_problem(ds):
     """What makes a read DICOM data set unusable as one film: no pixel data, several frames, a colour model
     minisd does not read, or pixel data that no installed decoder reads. None if it can be used."""
     from pydicom.pixels import get_decoder
-    from pydicom.uid import ImplicitVRLittleEndian
     if "PixelData" not in ds:
-        return "DICOM without pixel data"
+        floats = "FloatPixelData" in ds or "DoubleFloatPixelData" in ds   # parametric maps, not films
+        return "DICOM with float pixel data (minisd reads films)" if floats else "DICOM without pixel data"
     if any(k not in ds for k in ("Rows", "Columns", "BitsAllocated", "BitsStored", "PhotometricInterpretation")):
         return "unreadable image"
     try:
@@ -278,7 +322,7 @@ def dataset_problem(ds):
         return "multi-frame DICOM (minisd reads single films)"
     if ds.PhotometricInterpretation not in GREY + COLOUR:
         return f"DICOM with photometric interpretation {ds.PhotometricInterpretation}"
-    syntax = ds.file_meta.get("TransferSyntaxUID", ImplicitVRLittleEndian)
+    syntax = ds.file_meta.TransferSyntaxUID   # always set by dicom_header
     try:
         decoder = get_decoder(syntax)
     except NotImplementedError:

@@ -50,7 +50,7 @@ def load_image(path, window=None):
         else:
             with Image.open(path) as im:
                 im.load()
-                if im.mode in image_files.SIXTEEN_BIT:   # PIL's convert("RGB") would clip it to 255
+                if im.mode in image_files.WIDE:   # PIL's convert("RGB") would clip it to 255
                     planes = image_files.to_planes(im, path)
                 else:
                     return torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1).contiguous()

@@ -82,7 +82,7 @@ def read_report(path):
     """(study key, prompt, parentImage ids) of one report, or None when it is not well-formed XML."""
     try:
         report = ElementTree.parse(path).getroot()
-    except (ElementTree.ParseError, OSError, ValueError):
+    except (ElementTree.ParseError, OSError, ValueError, LookupError):   # LookupError: an unknown declared encoding
         return None
     uid = report.find("uId")
     study = re.sub(r"^CXR", "", (uid.get("id") or "") if uid is not None else "").strip() or path.stem
@@ -90,7 +90,7 @@ def read_report(path):
     for node in report.iter("AbstractText"):
         texts.setdefault((node.get("Label") or "").strip().upper(), "".join(node.itertext()))
     prompt = present(texts.get("FINDINGS")) or present(texts.get("IMPRESSION"))
-    return study, prompt, [node.get("id", "").strip() for node in report.iter("parentImage") if node.get("id")]
+    return study, prompt, [image for node in report.iter("parentImage") if (image := (node.get("id") or "").strip())]
 
 
 def image_key(name):

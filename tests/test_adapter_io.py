@@ -2,6 +2,7 @@
 import copy
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -212,3 +213,30 @@ def test_fingerprint_mismatch_warns_and_loads(adapter_file):
     with pytest.warns(UserWarning, match="fingerprint mismatch"):
         load_adapter(other, adapter_file)
     assert adapted_layers(other)
+
+
+LAYER = "cond_stage_model.transformer.text_model.encoder.layers.1.mlp.fc1"
+
+
+def as_int(t):
+    t[f"{LAYER}.lora_A"] = t[f"{LAYER}.lora_A"].to(torch.int32)
+
+
+def no_layers(t):
+    t.clear()
+
+
+@pytest.mark.parametrize("edit_tensors, fields, message", [
+    (as_int, {}, f"{LAYER}.lora_A has dtype int32; adapter weights are floating point"),   # was: loaded as integers
+    (None, {"alpha": '"two"'}, "malformed metadata: alpha 'two' is not a finite number"),   # was: a TypeError
+    (None, {"scale": "NaN"}, "malformed metadata: scale nan is not a finite number"),        # was: NaN images
+    (None, {"format_version": "null"}, "malformed metadata: format_version None is not a version number"),
+    (None, {"ranks": "[3]"}, "malformed metadata: ranks is a list, not {layer: rank}"),
+    (None, {"ranks": json.dumps({LAYER: 3.0})}, f"malformed metadata: the rank of {LAYER} is 3.0, not a whole number"),
+    (None, {"args": "[1]"}, "malformed metadata: args is a list, not a dict"),               # was: adapter.py info died
+    (no_layers, {"ranks": "{}"}, "the adapter has no layers"),                              # was: a silent no-op
+])
+def test_error_malformed_metadata_values_and_dtypes(tiny, adapter_file, tmp_path, edit_tensors, fields, message):
+    path = rewrite(adapter_file, tmp_path / "bad.safetensors", edit_tensors, lambda m: m.update(fields))
+    with pytest.raises(MinisdError, match=f"^{path}: {re.escape(message)}$"):
+        load_adapter(copy.deepcopy(tiny), path)

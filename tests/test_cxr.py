@@ -1,5 +1,6 @@
 """The chest-X-ray LDM: the paper's sizes, its own schedule in sampling, its folder written and read back
 (parts that transformers and diffusers open), a BERT folder as its text encoder, and adapters on it."""
+import json
 import warnings
 
 import pytest
@@ -211,3 +212,12 @@ def test_selora_injects_into_the_full_size_model():
     names = list(adapters.adapted_layers(sd))
     assert "model.diffusion_model.context_proj" in names
     assert "cond_stage_model.transformer.encoder.layer.11.attention.self.query" in names
+
+
+@pytest.mark.parametrize("file, key", [("scheduler/scheduler_config.json", "beta_end"), ("vae/config.json", "scaling_factor")])
+def test_an_infinite_setting_is_named(tmp_path, file, key):
+    save_cxr_folder(minisd.build("cxr-tiny"), tmp_path)
+    config = json.loads((tmp_path / file).read_text())
+    (tmp_path / file).write_text(json.dumps({**config, key: float("inf")}))   # JSON's Infinity, which Python reads
+    with pytest.raises(MinisdError, match=f"'{key}' is inf, expected a positive finite number"):   # was: NaN images
+        minisd.load(tmp_path)

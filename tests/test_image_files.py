@@ -243,3 +243,101 @@ def test_bad_dicoms_in_a_data_set_are_skipped_counted_and_named(tmp_path):
     assert "1 DICOM without pixel data" in message and "1 multi-frame DICOM" in message
     assert "2 unreadable image" in message and "which pydicom cannot decode" in message
     assert ds.report["DICOM without pixel data"] == 1 and ds.report["unreadable image"] == 2
+
+
+# ------------------------------------------------------------------------------------------- header edge cases
+def edited_dicom(path, edit, pixels=None, **kwargs):
+    """A film written by write_dicom, then changed by `edit(ds)` as pydicom allows (no validation)."""
+    from pydicom import config
+    ds = pydicom.dcmread(write_dicom(path, np.arange(48 * 64, dtype=np.uint16).reshape(48, 64) if pixels is None
+                                     else pixels, **kwargs))
+    with config.disable_value_validation():
+        edit(ds)
+        ds.save_as(path)
+    return path
+
+
+def halve_columns(ds):
+    ds.Columns = 32
+
+
+def one_bit(ds):
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 1, 1, 0
+
+
+def as_one_sample(ds):
+    ds.SamplesPerPixel = 1
+
+
+@pytest.mark.parametrize("edit, kwargs", [
+    (halve_columns, {}),                                    # was: a traceback, or a [3, 2, 48, 32] "image"
+    (one_bit, {}),                                          # 16 frames of 1-bit pixels
+    (as_one_sample, {"pixels": np.zeros((16, 16, 3), np.uint8), "photometric": "RGB", "bits_stored": 8}),
+])
+def test_pixel_data_larger_than_one_film_is_one_line(tmp_path, edit, kwargs):
+    path = edited_dicom(tmp_path / "long.dcm", edit, **kwargs)
+    assert image_files.image_problem(path) == image_files.PIXELS_LONGER
+    with pytest.raises(MinisdError, match=f"^{path}: {image_files.PIXELS_LONGER} .*decoded as"):
+        metrics.load_image(path)
+    with pytest.raises(image_files.UnreadableImage, match=image_files.PIXELS_LONGER):
+        image_files.load_image(path, 8)
+
+
+def test_bare_data_sets_read_as_the_film(tmp_path):
+    """Files without the preamble, or without a transfer syntax, as older tools write them."""
+    film_path = write_dicom(tmp_path / "film.dcm", np.arange(48 * 64, dtype=np.uint16).reshape(48, 64))
+    expected = image_files.read_planes(film_path)[0]
+    ds = pydicom.dcmread(film_path)
+    ds.preamble = None
+    pydicom.dcmwrite(tmp_path / "bare.dcm", ds, enforce_file_format=False)         # was: not a readable DICOM file
+    empty = edited_dicom(tmp_path / "empty.dcm", lambda ds: setattr(ds.file_meta, "TransferSyntaxUID", ""))  # was: a traceback
+    del ds.file_meta
+    ds.save_as(tmp_path / "meta.dcm", implicit_vr=True, little_endian=True)    # was: its pixel data cannot be decoded
+    for path in (tmp_path / "bare.dcm", empty, tmp_path / "meta.dcm"):
+        assert image_files.image_problem(path) is None, path
+        assert np.array_equal(image_files.read_planes(path)[0], expected), path
+    (tmp_path / "text.dcm").write_bytes(b"\x08\x00\x05\x00CS\x04\x00ISO_" * 4)    # a data set, but no film
+    assert image_files.image_problem(tmp_path / "text.dcm") == "unreadable image"
+
+
+@pytest.mark.parametrize("attributes, reason", [
+    ({"RescaleSlope": 0, "RescaleIntercept": 0}, "Rescale Slope 0"),       # was: a black film
+    ({"RescaleSlope": "NaN", "RescaleIntercept": 0}, "not finite"),        # was: a black film (no window to show it)
+    ({"RescaleSlope": "inf", "RescaleIntercept": 0}, "not finite"),
+    ({"WindowCenter": 100, "WindowWidth": "inf"}, "Window Center 100.0 and Width inf"),   # was: a grey film
+    ({"WindowCenter": "-inf", "WindowWidth": 100}, "Window Center -inf and Width 100.0"),
+])
+def test_degenerate_modality_or_window_is_one_line(tmp_path, attributes, reason):
+    path = edited_dicom(tmp_path / "film.dcm", lambda ds: [ds.__setattr__(k, v) for k, v in attributes.items()])
+    with pytest.raises(MinisdError, match=f"^{path}: its modality or VOI transform cannot be applied .*{reason}"):
+        metrics.load_image(path)
+
+
+def test_float_pixel_data_is_named(tmp_path):
+    def to_float(ds):
+        del ds.PixelData, ds.PixelRepresentation
+        ds.FloatPixelData = np.zeros((48, 64), np.float32).tobytes()
+        ds.BitsAllocated = ds.BitsStored = 32
+    path = edited_dicom(tmp_path / "map.dcm", to_float)
+    assert image_files.image_problem(path) == "DICOM with float pixel data (minisd reads films)"   # was: no pixel data
+
+
+@pytest.mark.parametrize("values, reason", [
+    (np.full((8, 8), 1000.0, np.float32), "floating-point image with values 1000 to 1000, outside \\[0, 1\\]"),  # was: white
+    (np.full((8, 8), np.nan, np.float32), "floating-point image with values that are not finite"),              # was: black
+    (np.full((8, 8), 70000, np.int32), "32-bit integer image with values 70000 to 70000, outside the 16-bit range"),
+    (np.full((8, 8), -5, np.int32), "32-bit integer image with values -5 to -5, outside the 16-bit range"),
+])
+def test_tiffs_beyond_sixteen_bits_or_unit_floats_are_one_line(tmp_path, values, reason):
+    path = tmp_path / "wide.tif"
+    Image.fromarray(values).save(path)
+    with pytest.raises(MinisdError, match=f"^{path}: {reason}"):
+        metrics.load_image(path)
+    with pytest.raises(image_files.UnreadableImage, match=reason):
+        image_files.load_image(path, 8)
+
+
+def test_float_tiff_in_unit_range_is_read_as_it_is(tmp_path):
+    ramp = np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8)
+    Image.fromarray(ramp).save(tmp_path / "ramp.tif")
+    assert np.array_equal(metrics.load_image(tmp_path / "ramp.tif")[0].numpy(), ramp)   # was: 8-bit steps of 0 and 1

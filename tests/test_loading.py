@@ -250,7 +250,7 @@ def configs_only(model, tmp_path, part, **changes):
     ("unet", {"attention_head_dim": [5, 10, 20, 20]}, "unet/config.json: attention heads [5, 10, 20, 20] are not SD-1.5's"),
     ("unet", {"use_linear_projection": True}, "unet/config.json: U-Net with linear projections (SD 2.x)"),
     ("unet", {"addition_embed_type": "text_time"}, "an SDXL pipeline"),
-    ("vae", {"scaling_factor": "0.18215"}, "vae/config.json: 'scaling_factor' is '0.18215', expected a positive number"),
+    ("vae", {"scaling_factor": "0.18215"}, "vae/config.json: 'scaling_factor' is '0.18215', expected a positive finite number"),
     ("text_encoder", {"hidden_size": 64.0}, "text_encoder/config.json: 'hidden_size' is 64.0, expected a positive integer"),
     ("text_encoder", {"hidden_act": "gelu"}, "text_encoder/config.json: hidden_act 'gelu' is not CLIP ViT-L/14's quick_gelu"),
 ])

@@ -182,3 +182,25 @@ def test_bad_reports_are_skipped_counted_and_named(release, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(MinisdError, match=r"ecgen-radiology: no .xml reports; expected the OpenI release"):
         load_dataset("openi", tmp_path / "empty")
+
+
+def report_xml(study, images, encoding="utf-8"):
+    parents = "".join(f'<parentImage id="{image}"/>' for image in images)
+    return (f'<?xml version="1.0" encoding="{encoding}"?><eCitation><uId id="CXR{study}"/>'
+            f'<AbstractText Label="FINDINGS">Clear lungs.</AbstractText>{parents}</eCitation>')
+
+
+def test_odd_reports_are_skipped_by_reason(tmp_path):
+    (tmp_path / "ecgen-radiology").mkdir()
+    reports = {"1": report_xml(1, ["CXR1_IM-0001-1001"]),
+               "2": report_xml(2, ["CXR2_IM-0002-1001"], encoding="no-such-encoding"),   # was: a LookupError traceback
+               "3": report_xml(3, ["  ", "CXR3_IM-0003-1001"])}                            # was: an image named ""
+    for name, text in reports.items():
+        (tmp_path / "ecgen-radiology" / f"{name}.xml").write_text(text)
+    for n in (1, 3):
+        save_film(tmp_path / f"CXR{n}_IM-000{n}-1001.png", n)
+    write_csv(tmp_path / "projections.csv", ["filename", "projection"],
+              [[f"CXR{n}_IM-000{n}-1001.png", "Frontal"] for n in (1, 3)])
+    candidates, skipped, _ = read_openi(tmp_path)
+    assert [sample.id for sample, _, _ in candidates] == ["1_IM-0001-1001", "3_IM-0003-1001"]
+    assert dict(skipped) == {"malformed report": 1} and skipped.examples["malformed report"] == "ecgen-radiology/2.xml"

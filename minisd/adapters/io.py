@@ -9,6 +9,7 @@ events); train.py adds step and val_loss (the step the file was saved at and its
 """
 import hashlib
 import json
+import math
 import os
 import warnings
 
@@ -87,7 +88,10 @@ def read_adapter(path):
     except SafetensorError as e:
         raise MinisdError(f"{path}: not a safetensors file ({e})") from None
     for key, t in tensors.items():   # a NaN or inf spreads to every image and every merged or folded weight
-        if t.is_floating_point() and not all_finite(t):
+        if not t.is_floating_point():
+            raise MinisdError(f"{path}: {key} has dtype {str(t.dtype).removeprefix('torch.')}; adapter weights are "
+                              f"floating point")
+        if not all_finite(t):
             raise MinisdError(f"{path}: {key} holds non-finite values (NaN or inf); the adapter is broken")
     for field in REQUIRED:
         if field not in raw:
@@ -99,11 +103,35 @@ def read_adapter(path):
     except json.JSONDecodeError as e:
         raise MinisdError(f"{path}: malformed metadata ({e})") from None
     meta.update(format=raw["format"], method=raw["method"], fingerprint=raw["fingerprint"])
+    problem = metadata_problem(meta)
+    if problem:
+        raise MinisdError(f"{path}: malformed metadata: {problem}")
     if meta["format_version"] > FORMAT_VERSION:
         raise MinisdError(f"{path}: format version {meta['format_version']} is newer than this minisd reads ({FORMAT_VERSION})")
     if meta["method"] not in METHODS:
         raise MinisdError(f"{path}: unknown adapter method {meta['method']!r}")
     return tensors, meta
+
+
+def metadata_problem(meta):
+    """What is wrong with the types of an adapter's metadata values (JSON decoded), or None."""
+    def number(value):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not (number(meta["format_version"]) and meta["format_version"] >= 1):
+        return f"format_version {meta['format_version']!r} is not a version number"
+    for field in ("alpha", "scale"):
+        if not (number(meta[field]) and math.isfinite(meta[field])):
+            return f"{field} {meta[field]!r} is not a finite number"
+    ranks = meta["ranks"]
+    if not isinstance(ranks, dict):
+        return f"ranks is a {type(ranks).__name__}, not {{layer: rank}}"
+    for name, rank in ranks.items():
+        if not (isinstance(rank, int) and not isinstance(rank, bool) and rank >= 0):
+            return f"the rank of {name} is {rank!r}, not a whole number"
+    for field, kind in (("args", dict), ("rank_history", list), ("merge", dict)):
+        if meta.get(field) is not None and not isinstance(meta[field], kind):
+            return f"{field} is a {type(meta[field]).__name__}, not a {kind.__name__}"
+    return None
 
 
 def _find_layer(sd, path, name):
@@ -130,6 +158,8 @@ def load_adapter(sd, path):
     Everything is checked before the model is touched; a fingerprint mismatch only warns."""
     tensors, meta = read_adapter(path)
     path, ranks = os.fspath(path), meta["ranks"]
+    if not ranks:   # loading it would change nothing, without a word
+        raise MinisdError(f"{path}: the adapter has no layers")
     pairs = {}
     for key, t in tensors.items():
         name, _, kind = key.rpartition(".")

@@ -1,5 +1,6 @@
 """The architecture of a checkpoint, told by its tensors' shapes (single file) or its config.json files
 (diffusers folder), and checked to be a text-to-image SD-1.5 model that minisd can run."""
+import math
 import os
 
 from ..config import ModelConfig, TextConfig, UNetConfig, VAEConfig
@@ -84,7 +85,7 @@ def positive(value):
 POSITIVE = (positive, "a positive integer")
 POSITIVES = (lambda v: isinstance(v, list) and len(v) > 0 and all(map(positive, v)), "a list of positive integers")
 NAMES = (lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v), "a list of names")
-NUMBER = (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0, "a positive number")
+NUMBER = (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < math.inf, "a positive finite number")
 REQUIRED = object()
 
 
