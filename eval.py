@@ -8,6 +8,7 @@
 
 Writes eval.json and eval.md (and grid.png) to --out and prints the Markdown table.
 """
+import json
 import sys
 import warnings
 from pathlib import Path
@@ -16,8 +17,8 @@ import minisd
 from minisd import xrv
 from minisd.adapters import read_adapter
 from minisd.cli import (PRECISIONS, ArgumentParser, check, check_data_root, check_finite, check_pixels, check_seed,
-                        check_steps, check_window, data_seed_of, main_guard, output_folder, pick_device,
-                        read_run_record, run_folder, run_outputs, warn_half_precision_on_cpu)
+                        check_steps, check_window, data_seed_of, main_guard, of_type, output_folder, pick_device,
+                        read_run_record, run_folder, run_outputs, split_fractions, warn_half_precision_on_cpu)
 from minisd.data import DATASETS, same_studies
 from minisd.errors import MinisdError
 from minisd.files import atomic_text, clear_outputs, json_text
@@ -119,6 +120,7 @@ def resolve_run(args):
             raise MinisdError(f"--run {args.run}: {e}") from None
     else:
         folder, record = latest_run()
+    check_recorded(folder / "args.json", record)
     model, adapter = run_outputs("--run", folder, record)   # the folder named is the run, wherever it was made
     adapter = args.adapter or adapter
     if not Path(adapter or model).exists():
@@ -140,11 +142,33 @@ def resolve_run(args):
     print(f"evaluating run {folder}: model {args.model}, data {args.data}, split {args.split}", file=sys.stderr)
 
 
+def check_recorded(source, record):
+    """The resolution, window, data seed and split that a run's args.json or an adapter's metadata gives,
+    checked as their flags are."""
+    for name in ("resolution", "data_seed", "seed"):
+        if record.get(name) is not None and not of_type(record[name], int):
+            raise MinisdError(f"{source}: recorded {name} is {json.dumps(record[name])}, expected an integer")
+    if record.get("resolution") is not None:
+        check_pixels(f"{source}: recorded resolution", record["resolution"])
+    for name in ("data_seed", "seed"):
+        if record.get(name) is not None:
+            check_seed(f"{source}: recorded {name}", record[name])
+    window = record.get("window")
+    if window is not None:
+        if not (isinstance(window, list) and len(window) == 2 and all(of_type(v, float) for v in window)):
+            raise MinisdError(f"{source}: recorded window is {json.dumps(window)}, expected [CENTER, WIDTH]")
+        check_window(f"{source}: recorded window", window)
+    split = record.get("split")
+    if split is not None:
+        split_fractions(f"{source}: recorded split", split if isinstance(split, str) else json.dumps(split))
+
+
 def resolve_adapter(args):
     """Adapter mode: the resolution and, on the data it was trained on (or the same studies), the data seed of
     its training arguments (its metadata), and its run's manifest when the adapter lies in its run folder."""
     _, meta = read_adapter(args.adapter)
     trained = meta.get("args") if isinstance(meta.get("args"), dict) else {}
+    check_recorded(args.adapter, trained)
     args.resolution = args.resolution or trained.get("resolution")
     args.window = args.window or trained.get("window")
     if not same_studies(trained.get("data"), args.data):

@@ -143,6 +143,27 @@ def test_an_adapter_keeps_its_split_on_the_other_release_of_its_studies(tmp_path
     assert phantom.data_seed is None
 
 
+@pytest.mark.parametrize("recorded, message", [
+    ({"resolution": "ab"}, "recorded resolution is \"ab\", expected an integer"),
+    ({"resolution": 60}, "recorded resolution must be a positive multiple of 8"),
+    ({"window": "ab"}, "recorded window is \"ab\", expected [CENTER, WIDTH]"),
+    ({"window": [40, 0]}, "recorded window must be CENTER WIDTH"),
+    ({"data": "iuxray", "data_seed": -1}, "recorded data_seed must be between 0"),
+    ({"data": "iuxray", "split": "50/10"}, "recorded split 50/10: expected train/val/test"),
+])
+def test_values_an_adapter_records_are_checked_as_their_flags(tmp_path, script, recorded, message):
+    from argparse import Namespace
+    from minisd.adapters.io import write_adapter
+    adapter = tmp_path / "adapter.safetensors"
+    write_adapter(adapter, {"layer.lora_A": torch.zeros(1, 4), "layer.lora_B": torch.zeros(4, 1)}, "lora", 1.0, 1.0,
+                  {"layer": 1}, "base", args=recorded)
+    args = Namespace(adapter=str(adapter), data="iuxray", data_seed=None, resolution=None, window=None, split="test",
+                     fractions=None, manifest=None)
+    with pytest.raises(MinisdError) as error:
+        script.resolve_adapter(args)
+    assert str(error.value).startswith(f"{adapter}: {message}")
+
+
 def test_inception_weights_of_another_hash_are_refused_unless_forced(ws, script, tmp_path, capsys):
     argv = [a for a in folder_args(ws, tmp_path / "out") if a != "--force-inception-weights"]
     with pytest.raises(SystemExit) as stop:   # was: FID computed with any weights of the right shapes
