@@ -137,12 +137,13 @@ def evaluate_folders(args, device):
 
 
 def latest_run(runs="runs"):
-    records = sorted(Path(runs).glob("*/args.json"), key=lambda p: p.stat().st_mtime)
-    if not records:
-        raise MinisdError(f"no run in {runs}/ to evaluate: pass --real DIR --fake DIR, or --data NAME "
-                          f"[--model M --adapter A], or train one with train.py")
-    run = records[-1].parent
-    return run, read_run_record(run, required=("model", "data"))
+    """(folder, record) of the newest run that makes images: a --stage vae run trains only a VAE."""
+    for path in sorted(Path(runs).glob("*/args.json"), key=lambda p: p.stat().st_mtime, reverse=True):
+        record = read_run_record(path.parent, required=("model", "data"))
+        if record.get("stage") != "vae":
+            return path.parent, record
+    raise MinisdError(f"no run in {runs}/ to evaluate: pass --real DIR --fake DIR, or --data NAME "
+                      f"[--model M --adapter A], or train one with train.py")
 
 
 def evaluate_model(args, device):

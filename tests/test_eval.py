@@ -231,11 +231,12 @@ def test_mode_errors(script, tmp_path, monkeypatch, capsys):
 
 def test_no_arguments_evaluate_the_latest_run(script, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    for name, age in (("new", 0), ("old", 100)):
+    for name, age in (("vae", -10), ("new", 0), ("old", 100)):   # the newest trained only a VAE: no images
         run = tmp_path / "runs" / name
         run.mkdir(parents=True)
         (run / "args.json").write_text(json.dumps({"model": f"model-{name}", "data": "phantom", "seed": 7,
-                                                   "data_root": f"data/{name}", "resolution": 64}))
+                                                   "data_root": f"data/{name}", "resolution": 64,
+                                                   **({"stage": "vae"} if name == "vae" else {})}))
         (run / "adapter.safetensors").write_bytes(b"")
         t = (run / "args.json").stat().st_mtime - age
         os.utime(run / "args.json", (t, t))
