@@ -1,6 +1,8 @@
 """Build the fused SeLoRA CUDA op: JIT at first use (cached on disk), ahead of time for setup.py, or as a
 GPU-free compile check: `python kernels/build.py --check`."""
 import argparse
+import contextlib
+import fcntl
 import hashlib
 import os
 import re
@@ -66,11 +68,24 @@ def _load(build_directory, verbose):
                 build_directory=str(build_directory), verbose=verbose)
 
 
+@contextlib.contextmanager
+def build_lock(directory):
+    """One builder at a time in `directory`, and none waiting on a dead one: torch's own lock file, which a
+    build killed midway leaves behind for every later build to wait on forever, is removed once this process
+    holds the folder's flock (which the system releases when its holder dies)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / "build.flock", "w") as holder:
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        (directory / "lock").unlink(missing_ok=True)
+        yield
+
+
 def load_extension(verbose=False):
     """The compiled op module, built with ninja on first use and reused from the cache afterwards."""
     build_directory = cache_dir()
-    build_directory.mkdir(parents=True, exist_ok=True)
-    return _load(build_directory, verbose)
+    with build_lock(build_directory):
+        return _load(build_directory, verbose)
 
 
 def cuda_extensions():

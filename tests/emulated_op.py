@@ -55,5 +55,5 @@ def cached_build():
         digest.update(path.read_bytes())
     root = Path(os.environ.get("MINISD_CACHE") or Path.home() / ".cache" / "minisd")
     directory = root / "kernels" / f"emulated-{digest.hexdigest()[:12]}"
-    directory.mkdir(parents=True, exist_ok=True)
-    return build(directory)
+    with kernels.build_lock(directory):
+        return build(directory)

@@ -154,6 +154,27 @@ def test_cache_folder_follows_sources_and_setting(tmp_path, monkeypatch):
     assert build.cache_dir() != first
 
 
+def test_a_build_killed_midway_blocks_no_later_build(tmp_path, monkeypatch):
+    """torch's extension builder waits on a `lock` file for as long as it exists; a killed build leaves it."""
+    build = load_script("kernels/build.py")
+    monkeypatch.setenv("MINISD_CACHE", str(tmp_path / "cache"))
+    folder = build.cache_dir()
+    folder.mkdir(parents=True)
+    (folder / "lock").write_text("")
+    try_lock = ("import fcntl, sys; f = open(sys.argv[1]); "
+                "fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)")   # fails while another process holds it
+    seen = []
+
+    def load(directory, verbose):
+        other = subprocess.run([sys.executable, "-c", try_lock, str(folder / "build.flock")], capture_output=True)
+        seen.append(((Path(directory) / "lock").exists(), other.returncode))
+        return "module"
+
+    monkeypatch.setattr(build, "_load", load)
+    assert build.load_extension() == "module"
+    assert seen == [(False, 1)]
+
+
 def test_build_check_without_toolkit_names_the_problem(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("CUDA_HOME", "CUDA_PATH")}
     env["PATH"] = str(tmp_path)  # no nvcc anywhere
