@@ -7,6 +7,7 @@ from .cli import RUNS, check_finite, read_run_record
 from .cxr.config import CONFIGS
 from .checkpoint.cxr import vae_config
 from .cxr.model import check_vae, native_resolution
+from .data import same_studies
 from .errors import MinisdError
 
 STAGES = ("vae", "unet")
@@ -112,13 +113,15 @@ def from_vae_run(args, given, record):
 
 
 def split_of_run(args, given, record, trained):
-    """On the data the run of `record` trained on: its --split and --data-seed, so that what it `trained` has seen
-    no image of this run's validation and test splits; another split given is refused."""
-    if record.get("data") != args.data or record.get("data_root") != args.data_root:
+    """On the data the run of `record` trained on (or IU X-Ray's other release): its --split and --data-seed, so
+    that what it `trained` has seen no image of this run's validation and test splits; another split given is
+    refused."""
+    same_folder = record.get("data") == args.data and record.get("data_root") == args.data_root
+    if not (same_folder or (record.get("data") != args.data and same_studies(record.get("data"), args.data))):
         return {}
     for name in ("data_seed", "split"):
         if name in given and getattr(args, name) != record.get(name):
-            raise MinisdError(f"{flag(name)} {getattr(args, name)}: {trained} was trained on the {args.data} split of "
+            raise MinisdError(f"{flag(name)} {getattr(args, name)}: {trained} was trained on the {record.get('data')} split of "
                               f"{flag(name)} {record.get(name)}, which puts some of this split's validation and test "
                               f"images in its training set")
     return {name: record.get(name) for name in ("data_seed", "split")}

@@ -16,6 +16,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import minisd
+from minisd.errors import MinisdError
 from helpers import ROOT, load_script, random_model
 
 COMMON = ["--model", "cxr-tiny", "--data", "phantom", "--batch-size", "2", "--max-steps", "16", "--save-every", "3",
@@ -151,6 +152,18 @@ def test_selora_fine_tune_of_the_trained_model(runs, tmp_path):
         script_main("sample.py", runs, [*argv, "--prompt", "Small left pleural effusion.", "--steps", "2",
                                         "--out", str(tmp_path / argv[1])])
         assert Image.open(tmp_path / argv[1] / "0000-seed0.png").size == (32, 32)
+
+
+def test_a_stage_keeps_the_split_of_a_run_on_the_other_iu_release():
+    """A VAE trained on OpenI's release, a U-Net on the Kaggle release of the same studies: one split."""
+    from argparse import Namespace
+    from minisd.stage_args import split_of_run
+    record = {"data": "openi", "data_root": "openi", "data_seed": 1, "split": "70/10/20"}
+    args = Namespace(data="iuxray", data_root="kaggle", data_seed=0, split=None)
+    assert split_of_run(args, set(), record, "the VAE") == {"data_seed": 1, "split": "70/10/20"}
+    with pytest.raises(MinisdError, match="--data-seed 0: the VAE was trained on the openi split of --data-seed 1"):
+        split_of_run(args, {"data_seed"}, record, "the VAE")
+    assert split_of_run(Namespace(data="phantom", data_root=None, data_seed=0, split=None), set(), record, "x") == {}
 
 
 @pytest.mark.parametrize("argv, expect", [
