@@ -54,8 +54,18 @@ def read_planes(path, window=None):
     if is_dicom(path):
         return read_dicom(path, window)
     with Image.open(path) as image:
+        if several_pages(image):
+            raise UnreadableImage(f"{path}: {several_pages(image)}")
         image.load()
         return to_planes(image, path)
+
+
+def several_pages(image):
+    """Why a Pillow image is not one film (a multi-page TIFF, an animation), as a multi-frame DICOM is not; or
+    None. A JPEG's extra pictures (MPO: thumbnails, depth maps) belong to its one picture."""
+    if getattr(image, "n_frames", 1) > 1 and image.format != "MPO":
+        return f"multi-page {image.format} (minisd reads single films)"
+    return None
 
 
 def to_planes(image, path="image"):
@@ -120,6 +130,8 @@ def image_problem(path):
             return dicom_problem(path)
         with Image.open(path) as image:
             kind = image.format
+            if several_pages(image):
+                return several_pages(image)
             if kind not in ("PNG", "JPEG"):
                 image.verify()
         tail = file_tail(path)

@@ -1,6 +1,7 @@
 """Image files: DICOM films against pydicom's own display pipeline (real films from the pydicom-data package),
 the 12-bit rule for 16-bit PNGs, and every bad DICOM as one line."""
 import csv
+import re
 import warnings
 
 import numpy as np
@@ -154,6 +155,19 @@ def test_sixteen_bit_png_below_4096_is_twelve_bit_data(tmp_path, monkeypatch):
     assert [str(w.message).split(":")[0] for w in caught] == [str(tmp_path / "a.png")]   # once, naming a file
     assert "read as 12-bit data" in str(caught[0].message)
     assert torch.allclose(from_eval, torch.from_numpy(ramp / 4095).float().expand(3, -1, -1))
+
+
+def test_a_multi_page_image_is_refused_like_a_multi_frame_film(tmp_path):
+    pages = [Image.fromarray(np.full((8, 8), 60 * k, np.uint8)) for k in range(3)]
+    pages[0].save(tmp_path / "stack.tif", save_all=True, append_images=pages[1:])
+    pages[0].save(tmp_path / "moving.png", save_all=True, append_images=pages[1:])
+    pages[0].save(tmp_path / "one.tif")
+    for name, kind in (("stack.tif", "TIFF"), ("moving.png", "PNG")):
+        reason = f"multi-page {kind} (minisd reads single films)"
+        assert image_files.image_problem(tmp_path / name) == reason
+        with pytest.raises(MinisdError, match=re.escape(f"{tmp_path / name}: {reason}")):
+            metrics.load_image(tmp_path / name)
+    assert image_files.image_problem(tmp_path / "one.tif") is None
 
 
 # ------------------------------------------------------------------------------------------- bad DICOMs
