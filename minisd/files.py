@@ -52,9 +52,9 @@ def atomic_write(path, write, suffix="", errors=()):
         raise write_error(path, e) from None
 
 
-def json_text(data):
-    """Standard JSON (which has no NaN or Infinity): a non-finite number, such as the PSNR of identical
-    images, is written as null."""
+def json_text(data, indent=2):
+    """Standard JSON (which has no NaN or Infinity) and a newline: a non-finite number, such as the PSNR of
+    identical images, is written as null. `indent` None: one line (a JSON Lines record)."""
     def finite(x):
         if isinstance(x, float) and not math.isfinite(x):
             return None
@@ -63,7 +63,7 @@ def json_text(data):
         if isinstance(x, (list, tuple)):
             return [finite(v) for v in x]
         return x
-    return json.dumps(finite(data), indent=2, allow_nan=False) + "\n"
+    return json.dumps(finite(data), indent=indent, allow_nan=False) + "\n"
 
 
 def atomic_text(text, path):

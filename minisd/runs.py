@@ -98,7 +98,7 @@ class Run:
     def log(self, record):
         if self.log_file:
             try:
-                self.log_file.write(json.dumps(record) + "\n")
+                self.log_file.write(json_text(record, indent=None))
                 self.log_file.flush()
             except OSError as e:
                 raise write_error(self.log_file.name, e) from None
@@ -187,7 +187,7 @@ def read_log(path):
 
 def write_lines(path, records):
     with open(path, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in records)
+        f.writelines(json_text(r, indent=None) for r in records)
 
 
 def atomic_torch_save(obj, path):

@@ -306,6 +306,9 @@ class Trainer(StepInputs):
                                                  self.val_latents)
                 losses.append(self.loss(batch, draws, with_grad=False).item() * b)
             val_loss = sum(losses) / n
+            if not math.isfinite(val_loss):   # logged as null; a NaN is never the best, so the best adapter stays
+                warnings.warn(f"validation loss at step {self.step} is {val_loss} (overflow in half precision? "
+                              f"try --precision bf16 or fp32); the best adapter so far is kept")
         source = self.val_set if self.val_set is not None and len(self.val_set) else self.train_set
         prompts = [source.prompt(i) for i in range(min(self.args.val_images, len(source)))]
         if prompts:

@@ -217,3 +217,25 @@ def test_non_finite_loss_stops_with_the_last_checkpoint_intact(tmp_path, monkeyp
     assert "error: non-finite loss at step 3" in err and "checkpoint.pt" in err
     state = torch.load(tmp_path / "runs" / "nan" / "checkpoint.pt", weights_only=True)
     assert state["step"] == 2 and all(torch.isfinite(v).all() for v in state["trainable"].values())
+
+
+def test_non_finite_validation_loss_is_warned_and_logged_as_standard_json(tmp_path, monkeypatch):
+    from minisd import training
+    script = load_script("train.py")
+    finite = training.Trainer.loss
+
+    def loss(self, items, draws, with_grad=True):
+        value = finite(self, items, draws, with_grad)
+        return value if with_grad else value * float("nan")
+
+    monkeypatch.setattr(training.Trainer, "loss", loss)
+    monkeypatch.chdir(tmp_path)
+    with pytest.warns(UserWarning, match="validation loss at step 2 is nan"):
+        script.main([*FAST, "--max-steps", "2", "--val-images", "0", "--run-name", "nanval"])
+
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+    run = tmp_path / "runs" / "nanval"
+    records = [json.loads(line, parse_constant=refuse) for line in open(run / "log.jsonl")]
+    assert [r["val_loss"] for r in records if r.get("event") == "validation"] == [None]
+    json.loads((run / "summary.json").read_text(), parse_constant=refuse)
