@@ -13,9 +13,11 @@ code runs once, at capture: no host synchronisation (`.item()`, a branch on a te
 state that must change per call. The caller puts into the key whatever the capture bakes in: the tensors it
 uses (`tensor_key`), Python flags, hyper-parameters. Another key drops the graph and runs eagerly again.
 
-Where capture is impossible — no CUDA, MINISD_DISABLE_CUDA_GRAPHS=1, or a capture that fails (warned once,
-then eager for good) — `fn` runs eagerly at every call, computing the same thing.
+Where capture is impossible — no CUDA, MINISD_DISABLE_CUDA_GRAPHS=1, or a capture that fails (warned once;
+then every Replayer of that name runs eagerly for the rest of the process) — `fn` runs eagerly at every call,
+computing the same thing.
 """
+import contextlib
 import os
 import warnings
 
@@ -28,6 +30,7 @@ class CudaGraphs:
 
     def __init__(self):
         self.streams = {}
+        self.failed = set()   # names of the functions whose capture failed
 
     def available(self, device):
         return torch.device(device).type == "cuda" and os.environ.get("MINISD_DISABLE_CUDA_GRAPHS") != "1"
@@ -46,11 +49,33 @@ class CudaGraphs:
 
     def capture(self, fn):
         """(graph, fn's outputs): fn recorded, not run; graph.replay() runs it."""
-        graph = torch.cuda.CUDAGraph()
-        # thread_local: a data-loading or pin-memory thread touching CUDA does not break the capture
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-            out = fn()
+        graph, pool, stream = torch.cuda.CUDAGraph(), torch.cuda.graph_pool_handle(), torch.cuda.current_stream()
+        try:
+            # thread_local: a data-loading or pin-memory thread touching CUDA does not break the capture
+            with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+                out = fn()
+        except BaseException:
+            abandon_capture(stream, pool)
+            raise
         return graph, out
+
+
+def abandon_capture(stream, pool):
+    """Undo what a capture that fails inside torch.cuda.graph leaves behind. Always: its capture stream current
+    (ending the capture raises before the context restores `stream`). In torch 2.11 and earlier also: the caching
+    allocator still sending that stream's allocations to the graph's `pool` (every later empty_cache(), so every
+    later capture, would fail, and an allocation that runs out of memory would not free the cache first), and
+    the CUDA generators in capture mode (an eager random draw on the GPU would raise) until a capture ends
+    cleanly — a capture of one small kernel does."""
+    torch.cuda.set_stream(stream)
+    end_allocating = getattr(torch._C, "_cuda_endAllocateToPool", None)
+    if end_allocating is not None:
+        with contextlib.suppress(RuntimeError):   # torch ended it already, or the capture never began
+            end_allocating(stream.device.index, pool)
+    with contextlib.suppress(RuntimeError):
+        with torch.cuda.graph(torch.cuda.CUDAGraph(), capture_error_mode="thread_local"):
+            torch.zeros(1, device=stream.device)
+    torch.cuda.set_stream(stream)
 
 
 BACKEND = CudaGraphs()
@@ -63,7 +88,7 @@ class Replayer:
     def __init__(self, fn, device, name="step"):
         self.fn, self.name = fn, name
         self.backend = BACKEND
-        self.enabled = self.backend.available(device)
+        self.enabled = self.backend.available(device) and name not in self.backend.failed
         self.graph = self.outputs = self.key = self.warm_key = None
         self.captures = self.replays = 0
 
@@ -81,6 +106,7 @@ class Replayer:
             except Exception as e:   # an op that cannot be captured, a host synchronisation: stay eager
                 self.release()
                 self.enabled = False
+                self.backend.failed.add(self.name)   # its next Replayers would fail the same way
                 warnings.warn(f"CUDA graph capture of the {self.name} failed, running it eagerly: "
                               f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}",
                               RuntimeWarning, stacklevel=2)

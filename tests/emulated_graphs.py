@@ -89,6 +89,7 @@ class EmulatedGraphs:
 
     def __init__(self):
         self.captured = 0
+        self.failed = set()
 
     def available(self, device):
         return True
