@@ -43,7 +43,7 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import minisd  # noqa: E402
 import train  # noqa: E402
-from minisd import training  # noqa: E402
+from minisd import graphs, training  # noqa: E402
 from minisd.image_files import load_image  # noqa: E402
 from minisd.cli import main_guard  # noqa: E402
 from minisd.sampling import ddim_sample  # noqa: E402
@@ -107,6 +107,17 @@ def minisd_trainer(base, method, resolution, a, folder, max_steps):
     trainer.cache_inputs()
     batches = trainer.batches()
     return trainer, Contender(lambda: trainer.train_step(batches)[0])
+
+
+def relayout(trainer, layout):
+    """The U-Net and the VAE in memory format `layout`. Their convolution weights move to new storage, which the
+    captured step (its key holds the adapted parameters, not the frozen weights) would not see: it is captured
+    again, after an eager warm-up in the new layout."""
+    for part in (trainer.sd.unet, trainer.sd.vae):
+        part.to(memory_format=layout)
+    if trainer.replayer is not None:
+        trainer.replayer.release()
+        trainer.replayer = graphs.Replayer(trainer.compute, trainer.device, name=trainer.replayer.name)
 
 
 def diffusers_reference(base, a):
@@ -279,11 +290,9 @@ def main(argv=None):
                 trainer.replayer.enabled = True
             if first:
                 layout = torch.channels_last if device.startswith("cuda") else torch.contiguous_format
-                for part in (trainer.sd.unet, trainer.sd.vae):
-                    part.to(memory_format=torch.contiguous_format)
+                relayout(trainer, torch.contiguous_format)
                 measure("minisd SeLoRA, between tests, no channels_last", resolution, selora, baseline)
-                for part in (trainer.sd.unet, trainer.sd.vae):
-                    part.to(memory_format=layout)
+                relayout(trainer, layout)
                 results["projection"] = parts = project(trainer, selora, between["seconds"], a, device)
                 print(f"projection: {sum(parts.values()):.1f} s", flush=True)
                 save()
