@@ -8,7 +8,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
+
+from . import recompute
 
 
 @dataclass(frozen=True)
@@ -72,10 +73,7 @@ class BertEncoder(nn.Module):
 
     def forward(self, x, mask):
         for layer in self.layer:
-            if self.gradient_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(layer, x, mask, use_reentrant=False)
-            else:
-                x = layer(x, mask)
+            x = recompute.run(self, layer, x, mask)
         return x
 
 

@@ -2,7 +2,8 @@
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
+
+from . import recompute
 
 
 class CLIPAttention(nn.Module):
@@ -59,7 +60,7 @@ class CLIPEncoder(nn.Module):
 
     def forward(self, x):
         for layer in self.layers:
-            x = checkpoint(layer, x, use_reentrant=False) if self.gradient_checkpointing and torch.is_grad_enabled() else layer(x)
+            x = recompute.run(self, layer, x)
         return x
 
 

@@ -4,7 +4,8 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
+
+from . import recompute
 
 
 def timestep_embedding(t, dim):
@@ -171,9 +172,7 @@ class UNet(nn.Module):
         self.gradient_checkpointing = False   # recompute each block in backward instead of storing activations
 
     def run(self, block, *args, **kwargs):
-        if self.gradient_checkpointing and torch.is_grad_enabled():
-            return checkpoint(block, *args, use_reentrant=False, **kwargs)
-        return block(*args, **kwargs)
+        return recompute.run(self, block, *args, **kwargs)
 
     def forward(self, x, t, context):
         t = torch.as_tensor(t, device=x.device).expand(x.shape[0])

@@ -10,8 +10,8 @@ The down path keeps each resolution's output for the up path, which concatenates
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
+from .. import recompute
 from ..unet import CrossAttention, Downsample, ResBlock, Upsample, timestep_embedding
 
 
@@ -81,9 +81,7 @@ class CXRUNet(nn.Module):
         self.gradient_checkpointing = False   # recompute each block in backward instead of storing activations
 
     def run(self, block, *args):
-        if self.gradient_checkpointing and torch.is_grad_enabled():
-            return checkpoint(block, *args, use_reentrant=False)
-        return block(*args)
+        return recompute.run(self, block, *args)
 
     def forward(self, x, t, context):
         t = torch.as_tensor(t, device=x.device).expand(x.shape[0])

@@ -6,11 +6,10 @@ GroupNorm + SiLU + conv 256→16 (mean ‖ log-variance). The decoder is the enc
 upsampling). A residual block is GroupNorm, SiLU and one 3×3 conv beside a (1×1-projected) shortcut: with the
 two convs of SD's blocks these widths would need 5.3 M parameters or more.
 """
-import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
+from .. import recompute
 from ..vae import AttnBlock, norm
 
 
@@ -41,13 +40,6 @@ class Level(nn.Module):
         return self.block(self.attn(x) if self.attn else x)
 
 
-def run(network, step, x):
-    """step(x); recomputed in backward instead of stored when the network trains with gradient checkpointing."""
-    if network.gradient_checkpointing and torch.is_grad_enabled():
-        return checkpoint(step, x, use_reentrant=False)
-    return step(x)
-
-
 class Encoder(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -61,7 +53,7 @@ class Encoder(nn.Module):
     def forward(self, x):
         x = self.conv_in(x)
         for i, level in enumerate(self.down):
-            x = run(self, level.encode, x)
+            x = recompute.run(self, level.encode, x)
             x = F.avg_pool2d(x, 2) if i < len(self.down) - 1 else x
         return self.conv_out(F.silu(self.norm_out(x)))
 
@@ -80,7 +72,7 @@ class Decoder(nn.Module):
     def forward(self, z):
         x = self.conv_in(z)
         for i, level in reversed(list(enumerate(self.up))):
-            x = run(self, level.decode, x)
+            x = recompute.run(self, level.decode, x)
             x = F.interpolate(x, scale_factor=2.0, mode="nearest") if i > 0 else x
         return self.conv_out(F.silu(self.norm_out(x)))
 
