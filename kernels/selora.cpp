@@ -173,8 +173,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 std::vector<at::Tensor> fisher_kernels(const at::Tensor& P, const at::Tensor& Q, int64_t q_main, int64_t n_samples,
                                        double scale) {
   TORCH_CHECK(P.is_cuda() && P.dim() == 2 && Q.dim() == 2 && P.size(0) == Q.size(0) && Q.scalar_type() == P.scalar_type()
-              && P.device() == Q.device() && P.size(0) % n_samples == 0, "fisher_kernels: P [M, n] and Q [M, q] of one "
-              "dtype on one CUDA device, with n_samples dividing M");
+              && P.device() == Q.device() && n_samples >= 1 && P.size(0) % n_samples == 0, "fisher_kernels: P [M, n] "
+              "and Q [M, q] of one dtype on one CUDA device, with n_samples dividing M");
   const c10::cuda::CUDAGuard guard(P.device());
   const auto acc = P.options().dtype(P.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
   const int64_t n = P.size(1);

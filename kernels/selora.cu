@@ -292,6 +292,8 @@ int simt_columns(int64_t q, size_t itemsize) {
 
 FisherPlan fisher_plan(int64_t n, int64_t q, int64_t tokens, int64_t samples, at::ScalarType dtype,
                        int64_t sms) {
+  TORCH_CHECK(n >= 1 && q >= 1 && tokens >= 1 && samples >= 1 && sms >= 1,
+              "selora: no Fisher kernel plan for an empty problem");
   const size_t itemsize = at::elementSize(dtype);
   FisherPlan p;
   p.tensor_cores = (dtype == at::kHalf || dtype == at::kBFloat16) && q > 8;
@@ -376,6 +378,10 @@ void per_sample_grad_fisher(const at::Tensor& P, const at::Tensor& Q, int64_t q_
   const int64_t M = P.size(0), n = P.size(1), q = Q.size(1);
   TORCH_CHECK(q == q_main || (q == q_main + 1 && grad_extra.has_value() && fisher_extra.has_value()),
               "selora: the Fisher kernel takes at most one extra column, with outputs for it");
+  TORCH_CHECK(samples >= 1 && M >= samples && M % samples == 0 && q_main >= 1 && P.is_contiguous() &&
+                  Q.is_contiguous() && Q.size(0) == M,
+              "selora: the Fisher kernel needs contiguous P [M, n] and Q [M, q >= 1] with samples dividing M > 0");
+  if (n == 0) return;  // no columns, no outputs (and an empty grid is no launch)
   TORCH_CHECK(n < (int64_t{1} << 30) && M / samples < (int64_t{1} << 31),
               "selora: tensor too large for the Fisher kernel: ", M, " rows of ", n);
   const int T = static_cast<int>(M / samples);

@@ -9,6 +9,7 @@ import torch
 
 import kernel_parity as kp
 from minisd.adapters import fused
+from minisd.adapters.op import selora_backward, selora_forward
 
 # (samples, tokens per sample, in, out, bias): every token count SD-1.5 produces at 512 and 224 px
 # (text 77, latents 64², 32², 28², 16², 8², 7², time embeddings 1) over its layer widths, and each
@@ -151,6 +152,25 @@ def test_fused_backward_is_deterministic(cuda_ops):
         second = kp.run(cuda_ops.forward, cuda_ops.backward, case, "sample", True)
         for name, a, b in zip(kp.NAMES, first, second):
             assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("d_in, d_out", [(0, 24), (24, 0)])
+def test_emulated_op_takes_a_layer_without_inputs_or_outputs(emulated_ops, d_in, d_out):
+    """A side of width zero leaves the Fisher kernels nothing to do: no launch (an empty grid is an error on
+    the device) and no plan (which would divide by its zero blocks), just the reference's empty or zero terms."""
+    g = torch.Generator().manual_seed(0)
+    M, r = 10, 3
+    case = dict(x=torch.randn(M, d_in, generator=g), weight=torch.randn(d_out, d_in, generator=g),
+                bias=torch.randn(d_out, generator=g), lora_A=torch.randn(r, d_in, generator=g),
+                lora_B=torch.randn(d_out, r, generator=g), grad_y=torch.randn(M, d_out, generator=g),
+                candidate=torch.randn(d_in, generator=g), scale=0.5, n_samples=2)
+    for mode in ("sample", "batch", None):
+        got = kp.run(emulated_ops.forward, emulated_ops.backward, case, mode, True)
+        want = kp.run(selora_forward, selora_backward, case, mode, True)
+        for name, a, b in zip(kp.NAMES, got, want):
+            assert (a is None) == (b is None), name
+            if b is not None:
+                torch.testing.assert_close(a, b.to(a.dtype), rtol=1e-5, atol=1e-5, msg=f"{name} (fisher={mode})")
 
 
 def check_non_contiguous_inputs(ops, device):

@@ -51,10 +51,10 @@ def selora_backward(grad_y, x, weight, lora_A, lora_B, u, scale, n_samples, fish
     grad_new = scale * (p @ g)  # [out]
     if fisher == "batch":
         return grad_x, grad_A, grad_B, None, None, None, grad_new
-    n = n_samples
-    g = g.reshape(n, -1, grad_y.shape[-1])  # [N, T, out]
-    xs = x.to(acc).reshape(n, -1, x.shape[-1])  # [N, T, in]
-    us = u_main.to(acc).reshape(n, -1, r)  # [N, T, r]
+    n, T = n_samples, x.shape[0] // n_samples  # T given: a layer of width 0 has nothing to infer it from
+    g = g.reshape(n, T, grad_y.shape[-1])  # [N, T, out]
+    xs = x.to(acc).reshape(n, T, x.shape[-1])  # [N, T, in]
+    us = u_main.to(acc).reshape(n, T, r)  # [N, T, r]
     gu = g @ lora_B.to(acc)  # [N, T, r]
     fisher_A = (scale * (gu.transpose(1, 2) @ xs)).square().sum(0)  # [r, in]
     fisher_B = (scale * (g.transpose(1, 2) @ us)).square().sum(0)  # [out, r]
