@@ -65,6 +65,17 @@ class WrongFisherExtension(ReferenceExtension):
         return grad_x, grad_A, grad_B, fisher_A, fisher_B * 1.01, fisher_new, grad_new
 
 
+class WrongTensorCoreExtension(ReferenceExtension):
+    """Right wherever the CUDA cores compute the Fisher terms, wrong where the tensor cores do (fp16/bf16,
+    rank > 8)."""
+
+    def backward(self, grad_y, x, weight, lora_A, lora_B, u, scale, n_samples, fisher, need_grad_x):
+        outputs = list(selora_backward(grad_y, x, weight, lora_A, lora_B, u, scale, n_samples, fisher, need_grad_x))
+        if fisher == "sample" and x.dtype in (torch.float16, torch.bfloat16) and lora_A.shape[0] > 8:
+            outputs[3] = outputs[3] * 1.1
+        return tuple(outputs)
+
+
 def test_self_check_accepts_a_correct_op():
     fused._self_check(fused.FusedSeLoRAOps(ReferenceExtension()), torch.device("cpu"))
 
@@ -72,6 +83,11 @@ def test_self_check_accepts_a_correct_op():
 def test_self_check_rejects_a_wrong_op():
     with pytest.raises(RuntimeError, match="fisher_B differs from the PyTorch reference"):
         fused._self_check(fused.FusedSeLoRAOps(WrongFisherExtension()), torch.device("cpu"))
+
+
+def test_self_check_covers_the_tensor_core_kernel():
+    with pytest.raises(RuntimeError, match="fisher_A differs from the PyTorch reference .* torch.bfloat16"):
+        fused._self_check(fused.FusedSeLoRAOps(WrongTensorCoreExtension()), torch.device("cpu"))
 
 
 def test_op_failing_its_self_check_falls_back(monkeypatch):
@@ -266,7 +282,7 @@ def test_first_use_under_autocast_runs_the_fused_op(emulated_dispatch, dtype):
         with torch.autocast("cpu", dtype=dtype):
             y = layer(x)
     ops = fused.selora_ops(x)
-    assert isinstance(ops, CountingOps) and ops.calls == 2  # the self-check's forward, then the layer's
+    assert isinstance(ops, CountingOps) and ops.calls == 3  # the self-check's two forwards, then the layer's
     with torch.autocast("cpu", dtype=dtype):
         with unittest.mock.patch.object(fused, "selora_ops", lambda x: None):
             y_ref = reference(x)

@@ -67,30 +67,41 @@ def _fused_ops():
         return None
 
 
-def _self_check(ops, device=None, tolerance=1e-4):
+# The self-check's problems: (dtype, samples, tokens, in, out, rank, tolerance relative to the largest value).
+# fp32 takes the CUDA-core Fisher kernel; bf16 at rank 16 the tensor-core one, over two token stages, with
+# 16-byte loads on one side (136 columns) and element loads on the other (36): what only the device can get
+# wrong (wmma fragments, vector loads) is checked before the op trains anything.
+SELF_CHECKS = ((torch.float32, 2, 5, 48, 40, 3, 1e-4), (torch.bfloat16, 2, 80, 136, 36, 16, 2e-2))
+
+
+def _self_check(ops, device=None):
     """Forward, backward and Fisher terms of `ops` (on `device`, default the current GPU) against the
-    reference on a small fp32 problem."""
+    reference, computed in fp64 from the same inputs, on small problems."""
     device = device or torch.device("cuda", torch.cuda.current_device())
     g = torch.Generator().manual_seed(0)
-    n, t, d_in, d_out, r = 2, 5, 48, 40, 3
-    args = [torch.randn(n * t, d_in, generator=g), torch.randn(d_out, d_in, generator=g), torch.randn(d_out, generator=g),
-            torch.randn(r, d_in, generator=g), torch.randn(d_out, r, generator=g)]
-    grad_y, candidate = torch.randn(n * t, d_out, generator=g), torch.randn(d_in, generator=g)
-    results, tf32 = [], torch.backends.cuda.matmul.allow_tf32
+    names = ["y", "u", "grad_x", "grad_A", "grad_B", "fisher_A", "fisher_B", "fisher_new", "grad_new"]
+    tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False   # a user's TF32 setting must not fail the check
     try:
-        for impl_forward, impl_backward, where in ((selora_forward, selora_backward, "cpu"), (ops.forward, ops.backward, device)):
-            x, w, b, a, bb = (v.to(where) for v in args)
-            y, u = impl_forward(x, w, b, a, bb, 0.5, candidate.to(where))
-            back = impl_backward(grad_y.to(where), x, w, a, bb, u, 0.5, n, "sample", True)
-            results.append([y, u, *back])
+        for dtype, n, t, d_in, d_out, r, tolerance in SELF_CHECKS:
+            args = [torch.randn(n * t, d_in, generator=g), torch.randn(d_out, d_in, generator=g),
+                    torch.randn(d_out, generator=g), torch.randn(r, d_in, generator=g),
+                    torch.randn(d_out, r, generator=g), torch.randn(n * t, d_out, generator=g),
+                    torch.randn(d_in, generator=g)]
+            args = [a.to(dtype) for a in args]
+            results = []
+            for forward, backward, where, precision in ((selora_forward, selora_backward, "cpu", torch.float64),
+                                                        (ops.forward, ops.backward, device, dtype)):
+                x, w, b, a, bb, grad_y, candidate = (v.to(where, precision) for v in args)
+                y, u = forward(x, w, b, a, bb, 0.5, candidate)
+                results.append([y, u, *backward(grad_y, x, w, a, bb, u, 0.5, n, "sample", True)])
+            for name, ref, got in zip(names, *results):
+                err = ((got.detach().double().cpu() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+                if not err <= tolerance:
+                    raise RuntimeError(f"its {name} differs from the PyTorch reference by {err:.2e} (relative) on a "
+                                       f"{dtype} self-test")
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
-    names = ["y", "u", "grad_x", "grad_A", "grad_B", "fisher_A", "fisher_B", "fisher_new", "grad_new"]
-    for name, ref, got in zip(names, *results):
-        err = ((got.detach().double().cpu() - ref.double()).abs().max() / ref.double().abs().max().clamp_min(1e-30)).item()
-        if not err <= tolerance:
-            raise RuntimeError(f"its {name} differs from the PyTorch reference by {err:.2e} (relative) on a self-test")
 
 
 def _build():
