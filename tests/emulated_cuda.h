@@ -4,8 +4,8 @@
 // runs, in an order drawn afresh for every barrier interval (forward or backward over the threads, from a fixed
 // seed), so a missing barrier shows as a wrong result. Tiling, shared memory, indexing and reductions behave as
 // on the device; timing, races between blocks and the memory model do not. What the device would refuse or
-// leave undefined (a bad launch, a barrier not reached by every thread of its block, a misaligned or badly
-// strided tensor-core tile) fails the launch.
+// leave undefined (a bad launch, a barrier not reached by every thread of its block, a misaligned vector
+// access, a misaligned or badly strided tensor-core tile) fails the launch.
 #pragma once
 #include <ATen/ATen.h>
 #include <ucontext.h>
@@ -16,6 +16,7 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 struct dim3 {
@@ -61,6 +62,26 @@ inline int cudaDeviceGetAttribute(int* value, cudaDeviceAttr, int) {
 inline std::string fault_message;
 inline void emulated_fault(const std::string& message) {
   if (fault_message.empty()) fault_message = message;
+}
+
+// The sources' reinterpret_casts are rewritten to this one: a pointer cast to a type that its address is not
+// aligned for (a 16-byte vector load from an odd row, say) is a misaligned-address fault on the device. The
+// access then goes to a scratch object instead (the host's aligned vector instructions would crash on it).
+template <typename To, typename From>
+To emulated_aligned_cast(From from) {
+  if constexpr (std::is_pointer_v<To> && std::is_pointer_v<From>) {
+    using Pointee = std::remove_cv_t<std::remove_pointer_t<To>>;
+    if constexpr (!std::is_void_v<Pointee>) {
+      const std::uintptr_t offset = reinterpret_cast<std::uintptr_t>(from) % alignof(Pointee);
+      if (offset != 0) {
+        emulated_fault("misaligned address: " + std::to_string(alignof(Pointee)) + "-byte aligned access at " +
+                       std::to_string(offset) + " bytes past a boundary");
+        alignas(Pointee) static unsigned char scratch[sizeof(Pointee)];
+        return reinterpret_cast<To>(scratch);
+      }
+    }
+  }
+  return reinterpret_cast<To>(from);
 }
 
 // The threads of the block being run: a fiber each, switched at __syncthreads.

@@ -14,8 +14,8 @@ LAUNCH = re.compile(r"(\w+(?:<[^<>;]*>)?)<<<([^;]*?)>>>\(")
 
 
 def emulated_source(text):
-    """CUDA includes replaced by the emulation header, launches by calls of emulate_launch, and CPU
-    tensors accepted where the op asks for CUDA ones."""
+    """CUDA includes replaced by the emulation header, launches by calls of emulate_launch, pointer casts
+    by one that checks alignment, and CPU tensors accepted where the op asks for CUDA ones."""
     lines, shimmed = [], False
     for line in text.splitlines():
         if re.match(r"#include <((ATen|c10)/cuda/|mma\.h)", line):
@@ -26,7 +26,7 @@ def emulated_source(text):
         lines.append(line)
     text, launches = LAUNCH.subn(r"emulate_launch(\2, \1, ", "\n".join(lines) + "\n")
     assert "<<<" not in text and (launches > 0 or "__global__" not in text), "a kernel launch was not rewritten"
-    return text.replace(".is_cuda()", ".is_cpu()")
+    return text.replace(".is_cuda()", ".is_cpu()").replace("reinterpret_cast<", "emulated_aligned_cast<")
 
 
 def build(directory):

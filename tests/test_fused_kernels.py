@@ -173,6 +173,21 @@ def test_emulated_op_takes_a_layer_without_inputs_or_outputs(emulated_ops, d_in,
                 torch.testing.assert_close(a, b.to(a.dtype), rtol=1e-5, atol=1e-5, msg=f"{name} (fisher={mode})")
 
 
+@pytest.mark.parametrize("rank, dtype", [(4, torch.float32), (16, torch.bfloat16)], ids=["cuda_cores", "tensor_cores"])
+def test_emulated_kernels_read_rows_at_any_address(emulated_ops, rank, dtype):
+    """Rows a whole number of 16-byte loads wide, starting one element past a 16-byte boundary (a view into
+    a larger buffer), take the element loads: a vector load there faults on the device."""
+    case = kp.random_case(2, 77, 64, 40, True, rank, dtype, device="cpu")
+
+    def shifted(t):
+        moved = t.new_empty(t.numel() + 1)[1:].view_as(t)
+        return moved.copy_(t)
+
+    moved = dict(case, x=shifted(case["x"]), grad_y=shifted(case["grad_y"]))
+    assert moved["x"].is_contiguous() and moved["x"].data_ptr() % 16 != 0
+    assert_matches_reference(emulated_ops, moved, dtype)
+
+
 def check_non_contiguous_inputs(ops, device):
     case = kp.random_case(2, 77, 768, 320, True, 4, torch.float32, device)
     strided = dict(case, x=case["x"].t().contiguous().t(), weight=case["weight"].t().contiguous().t(),
