@@ -26,14 +26,13 @@ from .model import load
 from .optim import Adam
 from .plots import loss_curve, rank_heatmap
 from .progress import TrainingBar
+from .resume_state import read_training_checkpoint
 from .runs import PLACE_ARGS, Run, atomic_torch_save, check_recorded_args, read_log
 from .sampling import add_noise, alphas_cumprod, ddim_sample
 from .step_inputs import StepInputs
 from .stopping import Interrupted, StopRequests
 
 AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-CHECKPOINT_KEYS = ("step", "trainable", "optimizer", "scaler", "generator", "torch_rng", "best_val", "rank_history",
-                   "controller")
 
 
 def setup_distributed(device_name):
@@ -366,21 +365,17 @@ class Trainer(StepInputs):
         """Restore the state of a stopped run, after checking that it is this run's: same method, same
         base model, the same adapted parameters (at the checkpoint's ranks)."""
         path = self.run.file("checkpoint.pt")
-        if not os.path.exists(path):
-            raise MinisdError(f"--resume: {path} not found (the run has not saved a checkpoint yet)")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise MinisdError(f"--resume: {path} cannot be read, it is damaged or not from train.py ({first_line(e)})") from None
-        missing = [k for k in CHECKPOINT_KEYS if k not in state] if isinstance(state, dict) else ["step"]
-        if missing:
-            raise MinisdError(f"--resume: {path} is not a training checkpoint (no {missing[0]!r})")
+        state = read_training_checkpoint(path)
         saved = state["controller"]
-        kind = None if saved is None else "selora" if isinstance(saved, dict) and "layers" in saved else "adalora"
+        kind = None if saved is None else "selora" if "layers" in saved else "adalora"
         wanted = self.args.method if self.controller is not None else None   # the methods with a controller state
-        if state.get("method", self.args.method) != self.args.method or kind != wanted:
+        recorded = state.get("method")   # absent from older checkpoints
+        if recorded not in (None, self.args.method) or recorded is None and kind != wanted:
             raise MinisdError(f"--resume: {path} holds the state of a {state.get('method') or 'different'} run, "
                               f"not of a {self.args.method} run")
+        if kind != wanted:
+            raise MinisdError(f"--resume: {path}: 'controller' is damaged, expected the state of a {self.args.method} "
+                              f"run (the file is damaged or not from train.py)")
         if state.get("fingerprint", self.fingerprint) != self.fingerprint:
             raise MinisdError(f"--resume: {path} was written for another base model than {self.args.model}")
         if isinstance(state.get("args"), dict):
@@ -391,19 +386,27 @@ class Trainer(StepInputs):
             where = "the checkpoint" if unmatched[0] in trainable else "this model"
             raise MinisdError(f"--resume: {path}: adapter parameter {unmatched[0]} is missing from {where}")
         if state["controller"] is not None:
-            self.controller.load_state_dict(state["controller"])   # SeLoRA: resizes layers to their saved ranks
+            try:   # SeLoRA: resizes layers to their saved ranks
+                self.controller.load_state_dict(state["controller"])
+            except MinisdError as e:
+                raise MinisdError(f"--resume: {path}: {e}") from None
+            except (KeyError, ValueError, TypeError, AttributeError, IndexError, RuntimeError) as e:
+                raise MinisdError(f"--resume: {path}: its {self.args.method} state does not fit this run "
+                                  f"({first_line(e)})") from None
         params = dict(self.sd.named_parameters())
         for name, value in state["trainable"].items():
             if value.shape != params[name].shape:
                 raise MinisdError(f"--resume: {path}: {name} has shape {list(value.shape)}, "
                                   f"this model's is {list(params[name].shape)}")
+            if value.dtype != params[name].dtype:   # train.py keeps adapters in fp32 whatever --precision
+                raise MinisdError(f"--resume: {path}: {name} is {value.dtype}, this model's is {params[name].dtype}")
             params[name].data = value.to(self.device)
         try:
             self.optimizer.load_state_dict(state["optimizer"])
             self.scaler.load_state_dict(state["scaler"])
             self.generator.set_state(state["generator"])
             torch.set_rng_state(state["torch_rng"])
-        except (KeyError, ValueError, TypeError, RuntimeError) as e:
+        except (KeyError, ValueError, TypeError, AttributeError, IndexError, RuntimeError) as e:
             raise MinisdError(f"--resume: {path}: optimizer or random state does not fit this run ({e})") from None
         self.step, self.best_val, self.rank_history = state["step"], state["best_val"], state["rank_history"]
         self.measures = Measures(self.device, state.get("measures"))   # absent from older checkpoints

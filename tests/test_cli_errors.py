@@ -15,6 +15,7 @@ from minisd.adapters import inject, save_adapter
 from minisd.errors import MinisdError
 from minisd.export import export_diffusers, export_kohya
 from minisd.medlego import merge_adapters
+from minisd.resume_state import read_training_checkpoint
 from minisd.training import Trainer
 from helpers import ROOT, load_script
 
@@ -308,6 +309,43 @@ def test_resume_refuses_a_checkpoint_of_another_run(selora_checkpoint, tmp_path,
     state.update({k: v for k, v in change.items() if v is not None})
     with pytest.raises(MinisdError, match=f"--resume: {tmp_path / 'r' / 'checkpoint.pt'}.*{message}"):
         resume_with(state, tmp_path / "r", method)
+
+
+def nan_in_first_adapter(state):
+    name, value = next(iter(state["trainable"].items()))
+    return {"trainable": {**state["trainable"], name: value * math.nan}}
+
+
+@pytest.mark.parametrize("change, message", [   # each was a traceback or a run continued from damaged state
+    (lambda s: {"step": "2"}, "'step' is damaged, expected a step number"),
+    (lambda s: {"step": -1}, "'step' is damaged, expected a step number"),
+    (lambda s: {"trainable": [1]}, "'trainable' is damaged, expected parameter names with floating-point tensors"),
+    (lambda s: {"trainable": {k: v.long() for k, v in s["trainable"].items()}}, "'trainable' is damaged"),
+    (nan_in_first_adapter, r"trainable/\S+lora_\w holds NaN or infinite values"),
+    (lambda s: {"optimizer": None}, "'optimizer' is damaged, expected an optimizer state"),
+    (lambda s: {"best_val": math.nan}, "'best_val' is damaged, expected a validation loss"),
+    (lambda s: {"rank_history": 5}, "'rank_history' is damaged"),
+    (lambda s: {"measures": 5}, "'measures' is damaged"),
+    (lambda s: {"controller": [1]}, "'controller' is damaged"),
+])
+def test_a_checkpoint_with_a_damaged_field_is_refused(selora_checkpoint, tmp_path, change, message):
+    path = tmp_path / "checkpoint.pt"
+    torch.save({**selora_checkpoint, **change(selora_checkpoint)}, path)
+    with pytest.raises(MinisdError, match=f"--resume: {path}: {message}"):
+        read_training_checkpoint(path)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda s: {"trainable": {k: v.half() for k, v in s["trainable"].items()}},   # was: NaN validation, silently
+     r"lora_\w is torch.float16, this model's is torch.float32"),
+    (lambda s: {"controller": None}, "'controller' is damaged, expected the state of a selora run"),
+    (lambda s: {"controller": {**s["controller"], "layers": {k: {**v, "rank": 0} for k, v in
+                                                               s["controller"]["layers"].items()}}},
+     "SeLoRA state of layer .* is not a rank with its candidate and Fisher information of the layer's shapes"),
+])
+def test_resume_refuses_state_that_does_not_fit_the_run(selora_checkpoint, tmp_path, change, message):
+    with pytest.raises(MinisdError, match=f"--resume: {tmp_path / 'r' / 'checkpoint.pt'}: .*{message}"):
+        resume_with({**selora_checkpoint, **change(selora_checkpoint)}, tmp_path / "r")
 
 
 def test_resume_refuses_adapters_of_another_shape(selora_checkpoint, tmp_path):

@@ -310,14 +310,23 @@ class SeLoRAController:
     def load_state_dict(self, state):
         """Restore decisions' state and resize every layer to its saved rank; load the model's adapter
         weights and the optimizer state after this."""
+        if not isinstance(state.get("layers"), dict):
+            raise MinisdError("SeLoRA state holds no layers")
         missing = set(self.layers) ^ set(state["layers"])
         if missing:
             raise MinisdError(f"SeLoRA state does not match the model's adapted layers: {sorted(missing)[0]}")
         self.generator.set_state(state["generator"])
         for name, layer in self.layers.items():
             s = state["layers"][name]
-            if layer.rank != s["rank"]:
-                layer.set_rank(s["rank"])
+            rank = s.get("rank") if isinstance(s, dict) else None
+            shapes = {"candidate": [layer.in_features], "fisher_A": [rank, layer.in_features],
+                      "fisher_B": [layer.out_features, rank], "fisher_new": []}
+            if not (isinstance(rank, int) and rank >= 1 and all(
+                    isinstance(s.get(key), torch.Tensor) and list(s[key].shape) == shape for key, shape in shapes.items())):
+                raise MinisdError(f"SeLoRA state of layer {name} is not a rank with its candidate and Fisher "
+                                  f"information of the layer's shapes")
+            if layer.rank != rank:
+                layer.set_rank(rank)
             device = layer.lora_A.device
             layer.candidate = s["candidate"].to(device)
             layer.fisher_A, layer.fisher_B = s["fisher_A"].to(device), s["fisher_B"].to(device)
