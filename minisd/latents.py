@@ -108,7 +108,7 @@ def read_cache_file(path, key, ids, device):
                 return None
             rows = torch.tensor([where[i] for i in ids], dtype=torch.long)
             return tuple(f.get_tensor(name)[rows].to(device) for name in ("mean", "logvar"))
-    except (OSError, ValueError, RuntimeError):   # torn or foreign file: encode again
+    except (OSError, ValueError, RuntimeError, RecursionError):   # torn or foreign file: encode again
         return None
 
 

@@ -7,11 +7,14 @@ import subprocess
 import sys
 
 import pytest
+import safetensors.torch
 import torch
+from safetensors import safe_open
 
 import minisd
-from minisd import cli, data, evaluation
-from minisd.adapters import inject, save_adapter
+from minisd import cli, comparison, data, evaluation, latents
+from minisd.adapters import inject, read_adapter, save_adapter
+from minisd.checkpoint.files import read_json
 from minisd.errors import MinisdError
 from minisd.export import export_diffusers, export_kohya
 from minisd.medlego import merge_adapters
@@ -245,6 +248,22 @@ def test_jsonl_lines_json_cannot_parse_are_malformed_rows(tmp_path):
     (tmp_path / "metadata.jsonl").write_text("\n".join(lines) + "\n")
     candidates, skipped, _ = data.read_folder(tmp_path)
     assert [c[0].file for c in candidates] == ["b.png"] and skipped["malformed row"] == 2
+
+
+def test_json_nested_too_deep_is_one_error(adapter, tmp_path):   # each was a RecursionError traceback
+    deep = "[" * 100_000 + "]" * 100_000
+    (tmp_path / "args.json").write_text(deep)
+    with pytest.raises(MinisdError, match="args.json: not valid JSON"):
+        read_json(tmp_path / "args.json", "")
+    assert comparison.read_record(tmp_path / "args.json") is None   # a grid's record: its step runs again
+    tensors = safetensors.torch.load_file(adapter)
+    with safe_open(adapter, "pt") as f:
+        safetensors.torch.save_file(tensors, tmp_path / "a.safetensors", {**f.metadata(), "args": deep})
+    with pytest.raises(MinisdError, match="a.safetensors: malformed metadata"):
+        read_adapter(tmp_path / "a.safetensors")
+    safetensors.torch.save_file({"mean": torch.zeros(1), "logvar": torch.zeros(1)}, tmp_path / "latents.safetensors",
+                                {"key": "k", "ids": deep})
+    assert latents.read_cache_file(tmp_path / "latents.safetensors", "k", ["a"], "cpu") is None   # encoded again
 
 
 def test_adapter_outputs_that_cannot_be_written(adapter, tmp_path):

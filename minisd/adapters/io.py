@@ -100,7 +100,7 @@ def read_adapter(path):
         raise MinisdError(f"{path}: metadata format is {raw['format']!r}, expected {FORMAT!r}")
     try:
         meta = {key: json.loads(value) for key, value in raw.items() if key not in ("format", "method", "fingerprint")}
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, RecursionError) as e:
         raise MinisdError(f"{path}: malformed metadata ({e})") from None
     meta.update(format=raw["format"], method=raw["method"], fingerprint=raw["fingerprint"])
     problem = metadata_problem(meta)

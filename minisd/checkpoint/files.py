@@ -76,7 +76,7 @@ def read_json(path, missing):
             data = json.load(f)
     except OSError as e:
         raise MinisdError(f"{path}: cannot be read ({e.strerror or first_line(e)})") from None
-    except ValueError as e:   # JSONDecodeError, UnicodeDecodeError
+    except (ValueError, RecursionError) as e:   # JSONDecodeError, UnicodeDecodeError, nested too deep
         raise MinisdError(f"{path}: not valid JSON ({first_line(e)})") from None
     if not isinstance(data, dict):
         raise MinisdError(f"{path}: holds a JSON {type(data).__name__}, expected an object")
