@@ -20,10 +20,10 @@ import warnings
 
 import torch
 import torch.distributed as dist
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
-from .checkpoint.files import atomic_save
+from .checkpoint.files import atomic_save, first_line
 from .graphs import to_device
 from .stopping import ignore_stop_signals
 
@@ -93,22 +93,35 @@ def cache_key(sd, dataset, precision, manifest):
                        "manifest": manifest, "resolution": dataset.resolution, "precision": precision}, sort_keys=True)
 
 
-def read_cache_file(path, key, ids, device):
-    """(mean, logvar) for sample `ids` from a cache file written with `key`, or None when there is none that fits."""
+def read_cache_file(path, key, ids, device, shape):
+    """(mean, logvar) for sample `ids` from a cache file written with `key` (each latent of `shape`), or None
+    when there is none that fits; a damaged file is warned about, and encoded again."""
     if not os.path.exists(path):
         return None
     try:
         with safe_open(path, framework="pt") as f:
             meta = f.metadata() or {}
-            stored = json.loads(meta.get("ids", "[]"))
             if meta.get("key") != key:
                 return None
+            stored = json.loads(meta.get("ids", "[]"))
+            if not (isinstance(stored, list) and all(isinstance(i, str) for i in stored)):
+                raise ValueError("its ids are not a list of sample ids")
             where = {sample_id: row for row, sample_id in enumerate(stored)}
             if not all(i in where for i in ids):
                 return None
             rows = torch.tensor([where[i] for i in ids], dtype=torch.long)
-            return tuple(f.get_tensor(name)[rows].to(device) for name in ("mean", "logvar"))
-    except (OSError, ValueError, RuntimeError, RecursionError):   # torn or foreign file: encode again
+            found = []
+            for name in ("mean", "logvar"):
+                tensor = f.get_tensor(name)
+                if tensor.dtype != torch.float32 or tensor.shape[:1] != (len(stored),) or tensor.shape[1:] != shape:
+                    raise ValueError(f"{name} is {tensor.dtype} {list(tensor.shape)}, expected float32 "
+                                     f"{[len(stored), *shape]}")
+                if not torch.isfinite(tensor).all():
+                    raise ValueError(f"{name} holds NaN or infinite values")
+                found.append(tensor[rows].to(device))
+            return tuple(found)
+    except (OSError, ValueError, RuntimeError, RecursionError, SafetensorError) as e:   # torn or foreign file
+        warnings.warn(f"{path}: damaged ({first_line(e)}); encoding the latents again")
         return None
 
 
@@ -121,7 +134,8 @@ def build_latent_cache(sd, dataset, indices, batch_size, autocast, precision, wo
     if path:
         manifest = dataset.manifest()
         ids, key = [manifest[i]["id"] for i in indices], cache_key(sd, dataset, precision, manifest)
-        found = read_cache_file(path, key, ids, sd.device)
+        shape = (sd.config.vae.z_channels, dataset.resolution // 8, dataset.resolution // 8)
+        found = read_cache_file(path, key, ids, sd.device, shape)
     if world > 1:   # every process must take the same branch of the collective below
         flag = torch.tensor([0 if found is None else 1], device=sd.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)

@@ -1,6 +1,7 @@
 """Latents once: training from the pre-pass's cache equals encoding at every step; each file is decoded once."""
 import csv
 import json
+import math
 import warnings
 from collections import Counter
 
@@ -106,3 +107,46 @@ def test_disk_cache_is_reused_only_for_the_same_vae(tmp_path, monkeypatch):
     assert torch.equal(again.logvar[rows], first.logvar[first.rows([1, 3])])
     cache(minisd.build("tiny", seed=1), [3, 1])   # another VAE: encoded again
     assert encoded == [3, 2]
+
+
+def truncated(path):
+    path.write_bytes(path.read_bytes()[:200])
+
+
+def retagged(change):
+    """The file rewritten with its own key (so that it would be read) and `change(tensors, metadata)` applied."""
+    def damage(path):
+        from safetensors import safe_open
+        from safetensors.torch import save_file
+        with safe_open(path, "pt") as f:
+            tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+        change(tensors, metadata)
+        save_file(tensors, path, metadata)
+    return damage
+
+
+@pytest.mark.parametrize("damage, message", [   # each was a traceback, or damaged latents trained on
+    (truncated, "Error while deserializing header"),
+    (retagged(lambda t, m: m.update(ids="5")), "its ids are not a list of sample ids"),
+    (retagged(lambda t, m: m.update(ids='[["x"]]')), "its ids are not a list of sample ids"),
+    (retagged(lambda t, m: t.update(mean=t["mean"][:, :, :2].contiguous())), r"mean is torch.float32 \[3, 4, 2, 4\]"),
+    (retagged(lambda t, m: t.update(logvar=t["logvar"].half())), "logvar is torch.float16"),
+    (retagged(lambda t, m: t.update(mean=t["mean"] * math.nan)), "mean holds NaN or infinite values"),
+    (retagged(lambda t, m: t.pop("logvar")), "logvar"),
+])
+def test_a_damaged_disk_cache_is_encoded_again(tmp_path, damage, message):
+    import minisd
+    from minisd import latents
+    from minisd.data import load_dataset
+    ds, sd = load_dataset("phantom", split="val", resolution=32), minisd.build("tiny")
+    path = tmp_path / "latents_val.safetensors"
+
+    def cache():
+        return latents.build_latent_cache(sd, ds, [4, 1, 3], 3, lambda: torch.autocast("cpu", enabled=False), "fp32",
+                                          path=str(path), show=False)
+    first = cache()
+    damage(path)
+    with pytest.warns(UserWarning, match=f"latents_val.safetensors: damaged .*{message}.*encoding the latents again"):
+        again = cache()
+    assert torch.equal(again.mean, first.mean) and torch.equal(again.logvar, first.logvar)
+    assert torch.equal(cache().mean, first.mean)   # and written whole again
