@@ -168,20 +168,24 @@ def lock(path, folder):
 
 
 def read_log(path):
-    """The records of a log.jsonl; lines that are not JSON objects (torn by a crash) are dropped, with a warning."""
-    records, torn = [], 0
+    """The records of a log.jsonl: JSON objects with a step number. Other lines are dropped with a warning: a
+    torn last line (the run was stopped while writing it), or damage that the warning names by line."""
+    records, dropped, number = [], [], 0
     with open(path, encoding="utf-8", errors="replace") as f:
-        for line in f:
+        for number, line in enumerate(f, 1):
             try:
                 record = json.loads(line)
-            except ValueError:
+            except (ValueError, RecursionError):
                 record = None
-            if isinstance(record, dict):
+            if isinstance(record, dict) and isinstance(record.get("step"), int) and not isinstance(record["step"], bool):
                 records.append(record)
             elif line.strip():
-                torn += 1
-    if torn:
-        warnings.warn(f"{path}: dropped {torn} torn line(s) (the run was stopped while writing it)")
+                dropped.append(number)
+    if dropped == [number]:
+        warnings.warn(f"{path}: dropped 1 torn line(s) (the run was stopped while writing it)")
+    elif dropped:
+        lines = ", ".join(map(str, dropped[:5])) + (", ..." if len(dropped) > 5 else "")
+        warnings.warn(f"{path}: dropped {len(dropped)} damaged line(s) that are not log records (line {lines})")
     return records
 
 

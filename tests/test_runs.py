@@ -297,3 +297,13 @@ def test_tensorboard_without_the_package_is_one_error_line(script, runs_dir, mon
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
     assert train(script, *QUICK, "--max-steps", "1", "--tensorboard", "--run-name", "tb") == 2
     assert "error: --tensorboard needs the tensorboard package: pip install tensorboard" in capsys.readouterr().err
+
+
+def test_log_lines_that_are_not_records_are_dropped_and_named(tmp_path):
+    path = tmp_path / "log.jsonl"
+    path.write_bytes(b'{"step": 1, "loss": 1.0}\nGARBAGE\n{"step": "2", "loss": 1.0}\n[1]\n\xff\xfe\n\n'
+                     b'{"step": 2, "loss": 0.5}\n')
+    with pytest.warns(UserWarning, match=r"log.jsonl: dropped 4 damaged line\(s\) that are not log records "
+                                         r"\(line 2, 3, 4, 5\)"):
+        records = runs.read_log(path)   # was: a traceback comparing the step "2" to the checkpoint's
+    assert [r["step"] for r in records] == [1, 2]
