@@ -40,12 +40,15 @@ def read_prompts(args):
     prompts = list(args.prompt or [])
     if args.prompts:
         try:
-            with open(args.prompts, encoding="utf-8") as f:
-                prompts += [line.strip() for line in f if line.strip()]
+            with open(args.prompts, encoding="utf-8-sig") as f:   # a byte order mark (Notepad's) is no text
+                lines = [line.strip() for line in f if line.strip()]
         except OSError as e:
             raise MinisdError(f"--prompts {args.prompts}: {e.strerror}") from None
         except UnicodeDecodeError:
             raise MinisdError(f"--prompts {args.prompts}: not UTF-8 text") from None
+        if not lines:
+            raise MinisdError(f"--prompts {args.prompts}: holds no prompt (one prompt per line)")
+        prompts += lines
     if not prompts:
         raise MinisdError("no prompt given: use --prompt TEXT or --prompts FILE")
     return prompts

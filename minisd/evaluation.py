@@ -98,7 +98,7 @@ def mean_std(values):
 
 def read_prompts(path, n_images):
     try:
-        prompts = Path(path).read_text(encoding="utf-8").splitlines()
+        prompts = Path(path).read_text(encoding="utf-8-sig").splitlines()   # a byte order mark is no text
     except (OSError, UnicodeDecodeError) as e:
         raise MinisdError(f"--prompts {path}: cannot read ({e})") from None
     if len(prompts) != n_images:

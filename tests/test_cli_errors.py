@@ -1,5 +1,6 @@
 """Bad input to the scripts and the library functions behind them: one `error:` line naming the flag, file or
 value, exit status 2 — never a traceback, never a silently wrong result."""
+import argparse
 import json
 import math
 import os
@@ -153,6 +154,17 @@ def test_sample_flags(scripts, capsys, tmp_path, monkeypatch, argv, message):
     write_run(tmp_path, json.dumps({"data": "phantom"}))
     argv = [a.replace("FILE", files["FILE"]).replace("LATIN1", files["LATIN1"]) for a in argv]
     assert message.format(**files) in one_error_line(scripts, capsys, "sample", SAMPLE + argv)
+
+
+def test_prompt_files_with_a_byte_order_mark_or_no_prompt(scripts, tmp_path):
+    bom, blank = tmp_path / "bom.txt", tmp_path / "blank.txt"
+    bom.write_bytes("\ufeffcardiomegaly\n\nclear lungs\n".encode("utf-8"))
+    blank.write_text("\n  \n")
+    read = scripts["sample"].read_prompts
+    assert read(argparse.Namespace(prompt=None, prompts=str(bom))) == ["cardiomegaly", "clear lungs"]   # was: "\ufeff..."
+    assert evaluation.read_prompts(bom, 3)[0] == "cardiomegaly"
+    with pytest.raises(MinisdError, match=f"--prompts {blank}: holds no prompt"):   # was: "no prompt given"
+        read(argparse.Namespace(prompt=["x"], prompts=str(blank)))
 
 
 def test_sample_model_flag_overrides_the_run(scripts, capsys, tmp_path, monkeypatch):
