@@ -12,6 +12,9 @@ from minisd.layout import prepare_for_sampling
 from minisd.sampling import ddim_sample
 
 
+MAX_IMAGES = 10_000   # files 0000-… to 9999-…, which the next call into the same --out replaces
+
+
 def parse_args(argv):
     p = ArgumentParser(description=__doc__)
     p.add_argument("--model", help="single .safetensors/.ckpt file, diffusers folder, hub id, or 'tiny' "
@@ -65,7 +68,10 @@ def main(argv=None):
     for flag in ("height", "width"):
         if getattr(args, flag) is not None:
             check_pixels(f"--{flag}", getattr(args, flag))
-    prompts = [p for p in read_prompts(args) for _ in range(args.num_images)]
+    prompts = read_prompts(args)
+    check(len(prompts) * args.num_images <= MAX_IMAGES, "--num-images", args.num_images,
+          f"at most {MAX_IMAGES // len(prompts):,} with {len(prompts):,} prompt(s) ({MAX_IMAGES:,} images a call)")
+    prompts = [p for p in prompts for _ in range(args.num_images)]
     model, adapter, run_resolution = args.model, args.adapter, None
     if args.run:
         folder = run_folder("--run", args.run)

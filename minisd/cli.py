@@ -18,6 +18,7 @@ PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat
 RUNS = "runs"
 SEED_MAX = 2**32 - 1   # numpy's range; seed * 100003 + epoch (train.py's shuffles) stays within torch's
 MAX_STEPS = 1000       # DDIM steps: at most one per training timestep
+MAX_PIXELS = 4096      # 8× SD-1.5's own size: far beyond it, one image no longer fits any device's memory
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -111,7 +112,7 @@ def check_steps(flag, value):
 
 
 def check_pixels(flag, value):
-    check(value >= 8 and value % 8 == 0, flag, value, "a positive multiple of 8")
+    check(8 <= value <= MAX_PIXELS and value % 8 == 0, flag, value, f"a positive multiple of 8, at most {MAX_PIXELS}")
 
 
 def check_window(flag, window):

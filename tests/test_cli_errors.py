@@ -138,7 +138,9 @@ SAMPLE = ["--model", "tiny", "--prompt", "x", "--steps", "1"]
     (["--steps", "1001"], "--steps must be between 1 and 1000, got 1001"),   # was: a traceback
     (["--guidance", "nan"], "--guidance must be a finite number, got nan"),  # was: black images
     (["--seed", str(2**64)], f"--seed must be between 0 and 4294967295, got {2**64}"),
-    (["--height", "12"], "--height must be a positive multiple of 8, got 12"),
+    (["--height", "12"], "--height must be a positive multiple of 8, at most 4096, got 12"),
+    (["--width", str(8 * 10**6)], "--width must be a positive multiple of 8, at most 4096, got 8000000"),  # was: a
+    (["--num-images", str(10**12)], "--num-images must be at most 10,000 with 1 prompt(s)"),  # traceback, or all memory
     (["--run", "a/b"], "--run 'a/b': a run name is one folder name"),
     (["--run", "r"], "--run r: runs/r/args.json: 'model' not recorded"),
     (["--out", "FILE"], "--out {FILE}: is a file, expected a folder"),
@@ -182,7 +184,7 @@ EVAL = ["--model", "tiny", "--data", "phantom"]
     (["--seeds", str(2**64)], f"--seeds must be between 0 and 4294967295, got {2**64}"),
     (["--steps", "1001"], "--steps must be between 1 and 1000, got 1001"),
     (["--guidance", "inf"], "--guidance must be a finite number, got inf"),
-    (["--resolution", "12"], "--resolution must be a positive multiple of 8, got 12"),
+    (["--resolution", "12"], "--resolution must be a positive multiple of 8, at most 4096, got 12"),
     (["--data-seed", "-1"], "--data-seed must be between 0 and 4294967295, got -1"),
     (["--data-root", "elsewhere"], "--data-root elsewhere: the phantom data set is built in"),
     (["--out", "FILE"], "--out {FILE}: is a file, expected a folder"),

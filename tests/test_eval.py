@@ -145,7 +145,7 @@ def test_an_adapter_keeps_its_split_on_the_other_release_of_its_studies(tmp_path
 
 @pytest.mark.parametrize("recorded, message", [
     ({"resolution": "ab"}, "recorded resolution is \"ab\", expected an integer"),
-    ({"resolution": 60}, "recorded resolution must be a positive multiple of 8"),
+    ({"resolution": 60}, "recorded resolution must be a positive multiple of 8, at most 4096"),
     ({"window": "ab"}, "recorded window is \"ab\", expected [CENTER, WIDTH]"),
     ({"window": [40, 0]}, "recorded window must be CENTER WIDTH"),
     ({"data": "iuxray", "data_seed": -1}, "recorded data_seed must be between 0"),
