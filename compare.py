@@ -87,6 +87,8 @@ def check_args(args):
     for lam in args.lambdas:
         check(math.isfinite(lam) and lam >= 1, "--lambdas", lam, "at least 1 (every FI-ratio is at least 1, so a "
               "smaller λ grows every layer at every test)")
+    if args.lambdas != [1.1] and "selora" not in args.methods:
+        raise MinisdError(f"--lambdas {' '.join(map(str, args.lambdas))}: λ is SeLoRA's, and --methods has no selora")
     if 1 in args.lambdas:
         warnings.warn("--lambdas 1: every FI-ratio is at least 1, so every layer grows at every test")
     for flag in ("epochs", "max_steps", "batch_size", "grad_accum", "rank", "expand_every"):
@@ -121,6 +123,8 @@ def data_roots(data, roots):
                 raise MinisdError(f"--data-root {text}: with several data sets give NAME=DIR, NAME one of "
                                   f"{' '.join(data)}")
             name, folder = data[0], text
+        if not folder:
+            raise MinisdError(f"--data-root {text}: no folder after {name}=")
         if out[name] is not None:
             raise MinisdError(f"--data-root: two folders for {name}")
         check_data_root(name, folder)

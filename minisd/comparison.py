@@ -154,7 +154,7 @@ def evaluation_of(grid, cell, weights):
                    and all(str(d) in r["fid"] for r in per_seed.values() for d in e["dims"])
                    and (weights["clip"] is None or (all(r.get("clip_score") for r in per_seed.values())
                                                     and report["clip_weights"]["sha256"] == weights["clip_sha256"])))
-    except (OSError, KeyError, TypeError):
+    except (OSError, KeyError, TypeError, AttributeError):   # a damaged eval.json: evaluated again
         return None
     return report if current and per_seed else None
 
@@ -297,17 +297,21 @@ def check_settings(grid):
     recorded = read_record(path)
     if recorded is None:
         return
+    for key in ("train", "data"):
+        if not isinstance(recorded.get(key), dict):
+            raise MinisdError(f"{path}: {key!r} is not an object (the file is damaged: move it away, and the cells' "
+                              f"own records are checked again)")
 
     def flags(record):
         return {"--model": record.get("model"),
-                **{"--" + k.replace("_", "-"): v for k, v in (record.get("train") or {}).items()}}
+                **{"--" + k.replace("_", "-"): v for k, v in record["train"].items()}}
     before, now = flags(recorded), flags(asdict(grid))
     for flag in sorted(before.keys() | now.keys()):
         if before.get(flag) != now.get(flag):
             raise MinisdError(f"{path}: this grid's cells were trained with {flag} {before.get(flag, '(not given)')}, "
                               f"not {now.get(flag, '(not given)')}: give the same training flags to continue it, "
                               f"or a new --name")
-    roots = recorded.get("data") or {}
+    roots = recorded["data"]
     for data in grid.data.keys() & roots.keys():
         if roots[data] != grid.data[data]:
             raise MinisdError(f"{path}: this grid's {data} cells were trained on --data-root {roots[data]}, not "

@@ -187,6 +187,25 @@ def test_other_training_settings_or_a_foreign_run_are_refused(tmp_path, monkeypa
     assert "runs/g-phantom-lora-seed0 holds a run with --method dylora, not lora" in failures[cell]
 
 
+@pytest.mark.parametrize("record", [{"train": [1], "data": {}}, {"train": {"max_steps": 1}, "data": "x"}])
+def test_a_damaged_grid_record_is_one_error(tmp_path, monkeypatch, record):   # was: AttributeError
+    monkeypatch.chdir(tmp_path)
+    os.makedirs("comparisons/g")
+    Path("comparisons/g/grid.json").write_text(json.dumps(record))
+    with pytest.raises(comparison.MinisdError, match="grid.json: '(train|data)' is not an object"):
+        comparison.check_settings(stub_grid())
+
+
+def test_a_damaged_eval_record_is_evaluated_again(tmp_path, monkeypatch):   # was: AttributeError
+    monkeypatch.chdir(tmp_path)
+    cell = comparison.cells(stub_grid())[0]
+    os.makedirs(cell.file("eval"))
+    Path(cell.file("adapter.safetensors")).write_bytes(b"")
+    Path(cell.file("eval", "eval.json")).write_text(json.dumps({"seeds": [0, 1], "steps": 2, "guidance": 7.5, "per_seed": [1],
+                                                               "inception_weights": {"sha256": "abc"}}))
+    assert comparison.evaluation_of(stub_grid(), cell, WEIGHTS) is None
+
+
 def test_without_weights_the_columns_say_what_they_need(tmp_path, monkeypatch):
     monkeypatch.setenv("MINISD_CACHE", str(tmp_path / "cache"))
 
@@ -237,7 +256,10 @@ def test_a_signal_reaches_the_cell_and_stops_the_grid(tmp_path, monkeypatch):
     (["--inception-weights", "other.pth"], "other.pth: SHA-256 "),
     (["--data", "folder", "--data-root", "missing"], "data folder missing not found"),
     (["--frobnicate", "1"], "unrecognized arguments: --frobnicate 1"),
-], ids=["lambda", "repeated", "roots", "phantom-root", "name", "steps", "weights", "foreign-weights", "data", "unknown"])
+    (["--methods", "lora", "--lambdas", "1.3"], "--lambdas 1.3: λ is SeLoRA's, and --methods has no selora"),  # was: ignored
+    (["--data", "folder", "--data-root", "folder="], "--data-root folder=: no folder after folder="),  # was: the cwd
+], ids=["lambda", "repeated", "roots", "phantom-root", "name", "steps", "weights", "foreign-weights", "data", "unknown",
+        "lambdas-without-selora", "empty-root"])
 def test_bad_flags_are_one_error_line(tmp_path, monkeypatch, capsys, argv, message):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(comparison, "run_script", lambda *a: pytest.fail("a cell ran"))
