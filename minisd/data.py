@@ -400,7 +400,7 @@ def load_manifest(path, name, root=None, resolution=224, window=None):
     folder holds today."""
     path = Path(path)
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8-sig").splitlines()   # a byte order mark (an editor's) is no text
     except (OSError, UnicodeDecodeError) as e:
         raise MinisdError(f"{path}: cannot be read ({e})") from None
     samples = []
@@ -420,8 +420,11 @@ def load_manifest(path, name, root=None, resolution=224, window=None):
     if name == "phantom":   # its images are a function of the id: seed and index, consecutive in a split
         first = re.fullmatch(r"phantom-(\d+)-(\d+)", samples[0].id)
         start = int(first.group(2)) if first else 0
-        ds = PhantomDataset(split, resolution, int(first.group(1)), {split: (start, start + len(samples))}) \
-            if first and split in THREE_WAY and start + len(samples) <= PHANTOM_SIZE else None
+        stop = start + len(samples)
+        # whatever the fractions, train comes first, test last and val between
+        in_place = {"train": start == 0, "test": stop == PHANTOM_SIZE}.get(split, 0 < start and stop < PHANTOM_SIZE)
+        ds = PhantomDataset(split, resolution, int(first.group(1)), {split: (start, stop)}) \
+            if first and split in THREE_WAY and in_place and stop <= PHANTOM_SIZE else None
         if ds is None or [ds.sample_id(i) for i in range(len(ds))] != [sample.id for sample in samples]:
             raise MinisdError(f"{path}: not a manifest of the phantom's {split!r} split")
         return ds

@@ -176,6 +176,16 @@ def test_split_fractions_apply_to_every_data_set(montgomery, tmp_path):
     val.write_manifest(tmp_path / "manifest_val.jsonl")
     again = load_manifest(tmp_path / "manifest_val.jsonl", "phantom", resolution=16)
     assert torch.equal(again[5]["image"], val[5]["image"]) and again.manifest() == val.manifest()
+    (tmp_path / "manifest_test.jsonl").write_bytes((tmp_path / "manifest_val.jsonl").read_bytes())
+    with pytest.raises(MinisdError, match="manifest_test.jsonl: not a manifest of the phantom's 'test' split"):
+        load_manifest(tmp_path / "manifest_test.jsonl", "phantom", resolution=16)   # was: val images, as the test's
+    test = load_dataset("phantom", split="test", resolution=16)
+    test.write_manifest(tmp_path / "manifest_test.jsonl")
+    with open(tmp_path / "manifest_test.jsonl", "r+b") as f:
+        text = f.read()
+        f.seek(0)
+        f.write(b"\xef\xbb\xbf" + text)   # an editor's byte order mark: was "line 1 is not a manifest row"
+    assert load_manifest(tmp_path / "manifest_test.jsonl", "phantom", resolution=16).manifest() == test.manifest()
     for k in range(2):
         save_png(tmp_path / f"{k}.png", seed=k)
     write_csv(tmp_path / "metadata.csv", ["file_name", "text", "split"], [["0.png", "a", "train"], ["1.png", "b", "test"]])
