@@ -121,6 +121,9 @@ def resolve_run(args):
     else:
         folder, record = latest_run()
     check_recorded(folder / "args.json", record)
+    if record["data"] not in DATASETS:
+        raise MinisdError(f"{folder / 'args.json'}: 'data' is {json.dumps(record['data'])}, expected one of "
+                          f"{', '.join(sorted(DATASETS))}")
     model, adapter = run_outputs("--run", folder, record)   # the folder named is the run, wherever it was made
     adapter = args.adapter or adapter
     if not Path(adapter or model).exists():

@@ -189,6 +189,11 @@ def read_run_record(folder, required=(), parser=None):
 def run_outputs(flag, folder, record):
     """(model, adapter) of a run: a fine-tuning run's base model and adapter.safetensors, or the model folder a
     --stage unet run trained (no adapter)."""
+    path = os.path.join(folder, "args.json")
+    if not isinstance(record.get("model"), str):
+        raise MinisdError(f"{path}: 'model' is {json.dumps(record.get('model'))}, expected a string")
+    if record.get("stage") not in (None, "vae", "unet"):   # stage_args.STAGES
+        raise MinisdError(f"{path}: 'stage' is {json.dumps(record['stage'])}, expected null, vae or unet")
     if record.get("stage") == "vae":
         raise MinisdError(f"{flag} {folder}: a --stage vae run trains only the VAE; give the --stage unet run trained on it")
     if record.get("stage"):

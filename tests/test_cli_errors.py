@@ -169,6 +169,18 @@ def test_prompt_files_with_a_byte_order_mark_or_no_prompt(scripts, tmp_path):
         read(argparse.Namespace(prompt=["x"], prompts=str(blank)))
 
 
+@pytest.mark.parametrize("name, change, message", [   # each was a traceback or a misleading error
+    ("sample", {"model": 5}, "runs/r/args.json: 'model' is 5, expected a string"),
+    ("sample", {"stage": 5}, "runs/r/args.json: 'stage' is 5, expected null, vae or unet"),
+    ("eval", {"stage": "x"}, "runs/r/args.json: 'stage' is \"x\", expected null, vae or unet"),
+    ("eval", {"data": "nosuch"}, "runs/r/args.json: 'data' is \"nosuch\", expected one of folder, iuxray"),
+])
+def test_a_run_record_of_the_wrong_type(scripts, capsys, tmp_path, monkeypatch, name, change, message):
+    monkeypatch.chdir(tmp_path)
+    write_run(tmp_path, json.dumps({"model": "tiny", "data": "phantom", **change}))
+    assert message in one_error_line(scripts, capsys, name, ["--run", "r"] + (["--prompt", "x"] if name == "sample" else []))
+
+
 def test_sample_model_flag_overrides_the_run(scripts, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     write_run(tmp_path, json.dumps({"model": "tiny"}))
