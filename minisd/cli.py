@@ -175,6 +175,8 @@ def run_folder(flag, text):
 def read_run_record(folder, required=(), parser=None):
     """A run's args.json as a dict, with the `required` keys present and, given the `parser` that made it,
     each value of the type its flag parses to."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise MinisdError(f"{folder}: is a file, not a run folder")
     path = os.path.join(folder, "args.json")
     record = read_json(path, "train.py records every run's arguments there")
     missing = [key for key in required if key not in record]

@@ -181,6 +181,15 @@ def test_a_run_record_of_the_wrong_type(scripts, capsys, tmp_path, monkeypatch, 
     assert message in one_error_line(scripts, capsys, name, ["--run", "r"] + (["--prompt", "x"] if name == "sample" else []))
 
 
+@pytest.mark.parametrize("name, argv", [("train", ["--resume", "f"]), ("sample", ["--run", "f", "--prompt", "x"]),
+                                        ("eval", ["--run", "f"])])
+def test_a_run_that_is_a_file(scripts, capsys, tmp_path, monkeypatch, name, argv):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "f").write_text("")
+    assert "runs/f: is a file, not a run folder" in one_error_line(scripts, capsys, name, argv)   # was: "args.json: missing"
+
+
 def test_sample_model_flag_overrides_the_run(scripts, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     write_run(tmp_path, json.dumps({"model": "tiny"}))
