@@ -27,7 +27,7 @@ from minisd.inception import DIMS, RESIZE_MODE
 
 
 def parse_args(argv):
-    p = ArgumentParser(description=__doc__.splitlines()[0], epilog="\n".join(__doc__.splitlines()[1:]))
+    p = ArgumentParser(description=__doc__.split("\n\n")[0], epilog="\n\n".join(__doc__.split("\n\n")[1:]))
     g = p.add_argument_group("two folders")
     g.add_argument("--real", help="folder of real images")
     g.add_argument("--fake", help="folder of generated images")

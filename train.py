@@ -6,7 +6,7 @@ LDM from scratch (--stage vae, then --stage unet).
     torchrun --nproc_per_node 4 train.py --data iuxray ...            # several GPUs
     python train.py --resume NAME                                     # continue runs/NAME after a stop
     python train.py --model cxr-ldm --stage vae --data iuxray --run-name vae             # the VAE, then
-    python train.py --model cxr-ldm --stage unet --vae runs/vae --data iuxray \
+    python train.py --model cxr-ldm --stage unet --vae runs/vae --data iuxray \\
         --text-encoder dmis-lab/biobert-base-cased-v1.1 --run-name ldm               # the U-Net: runs/ldm/model
 """
 import argparse
