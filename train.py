@@ -105,7 +105,7 @@ def parser():
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--workers", type=int, help="data loading processes (default 4 on a GPU, 0 on the CPU)")
     p.add_argument("--tensorboard", action="store_true",
-                   help="also log loss, lr, ranks and sample grids to runs/NAME/tensorboard (needs tensorboard)")
+                   help="also log loss, lr, images/s, ranks and sample grids to runs/NAME/tensorboard (needs tensorboard)")
     p.add_argument("--run-name", help=f"folder under {RUNS}/ (default DATA-METHOD-TIME)")
     p.add_argument("--resume", nargs="?", const="", metavar="NAME",
                    help="continue runs/NAME (default --run-name, else the latest run) from its checkpoint; "
