@@ -52,7 +52,8 @@ def parse_args(argv):
                         + " and no CLIP score unless --clip-weights for evaluation (flags given win)")
     g = p.add_argument_group("training (train.py's flags; its defaults when not given)")
     g.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"checkpoint file, diffusers folder, hub id or 'tiny' (default {DEFAULT_MODEL})")
+                   help=f"checkpoint file, diffusers folder, hub id, 'tiny', or a chest-X-ray LDM (its folder, 'cxr-ldm', "
+                        f"'cxr-tiny') (default {DEFAULT_MODEL})")
     for flag, kind, text in (("--epochs", int, ""), ("--max-steps", int, ""), ("--batch-size", int, ""),
                              ("--grad-accum", int, ""), ("--lr", float, ""),
                              ("--rank", int, "LoRA rank, DyLoRA's r_max, AdaLoRA's target rank"),

@@ -34,8 +34,8 @@ def parse_args(argv):
     g.add_argument("--prompts", help="text file, one prompt per line, in the sorted order of the --fake files "
                                      "(adds the CLIP score)")
     g = p.add_argument_group("a model, end to end")
-    g.add_argument("--model", help="checkpoint file, diffusers folder, hub id or 'tiny' "
-                                   f"(default {minisd.DEFAULT_MODEL})")
+    g.add_argument("--model", help="checkpoint file, diffusers folder, hub id, 'tiny', or a chest-X-ray LDM (its folder, "
+                                   f"'cxr-ldm', 'cxr-tiny') (default {minisd.DEFAULT_MODEL})")
     g.add_argument("--adapter", help="adapter .safetensors written by train.py")
     g.add_argument("--run", help="runs/NAME: its model, data and adapter (--model, --adapter, --data-root override), "
                                  "evaluated on its recorded split manifest at its resolution")

@@ -17,7 +17,8 @@ MAX_IMAGES = 10_000   # files 0000-… to 9999-…, which the next call into the
 
 def parse_args(argv):
     p = ArgumentParser(description=__doc__)
-    p.add_argument("--model", help="single .safetensors/.ckpt file, diffusers folder, hub id, or 'tiny' "
+    p.add_argument("--model", help="single .safetensors/.ckpt file, diffusers folder, hub id, 'tiny', or a chest-X-ray "
+                                   "LDM (its folder, 'cxr-ldm', 'cxr-tiny') "
                                    f"(default: the --run's, else {minisd.DEFAULT_MODEL})")
     p.add_argument("--adapter", help="adapter .safetensors written by train.py")
     p.add_argument("--run", help="use the model and adapter recorded in runs/RUN (--model and --adapter override them)")

@@ -42,7 +42,9 @@ NEWER_FLAGS = ("data_seed", "fisher", "preset", "val_every", "tensorboard", "win
 
 def parser():
     p = ArgumentParser(description=__doc__)
-    p.add_argument("--model", default=minisd.DEFAULT_MODEL, help="single .safetensors/.ckpt file, diffusers folder, hub id, or 'tiny'")
+    p.add_argument("--model", default=minisd.DEFAULT_MODEL,
+                   help="single .safetensors/.ckpt file, diffusers folder, hub id, 'tiny', or a chest-X-ray LDM "
+                        "(its folder, 'cxr-ldm', 'cxr-tiny')")
     p.add_argument("--data", default="phantom", choices=sorted(DATASETS), help="data set")
     p.add_argument("--data-root", help="data folder (default data/<name>)")
     p.add_argument("--method", choices=METHODS, help="adapter (default selora; none with --stage)")

@@ -187,11 +187,12 @@ def test_run_names_may_be_written_as_paths_under_runs():
 
 
 def test_help_shows_defaults(script):
-    text = " ".join(script.parser().format_help().split())
+    text = " ".join(script.parser().format_help().split()).replace("- ", "-")   # argparse wraps after hyphens
     assert "--epochs EPOCHS passes over the training split (unless --max-steps) (default: 10)" in text
     assert "--val-every VAL_EVERY validate at the end of an epoch at most every this many steps (and at the last " \
            "step) (default: 100)" in text
-    assert "--model MODEL single .safetensors/.ckpt file, diffusers folder, hub id, or 'tiny' (default: " in text
+    assert "--model MODEL single .safetensors/.ckpt file, diffusers folder, hub id, 'tiny', or a chest-X-ray LDM (its " \
+           "folder, 'cxr-ldm', 'cxr-tiny') (default: " in text
     assert "--seed SEED adapter initialisation, batch order and noise (default: 0)" in text
 
 
