@@ -383,7 +383,8 @@ def load_dataset(name, root=None, split="train", resolution=224, seed=0, window=
                       f"and are upscaled more than {SMALL}× (e.g. {problems[UPSCALED]})", stacklevel=2)
     trouble = [f"{count:,} {reason}" for reason, count in skipped.most_common() if reason not in SELECTIONS]
     if trouble:
-        examples = "; ".join(f"{reason}: {file}" for reason, file in problems.items())
+        # an upscaled image is used, not skipped: it has its own warning above
+        examples = "; ".join(f"{reason}: {file}" for reason, file in problems.items() if reason != UPSCALED)
         warnings.warn(f"{name} at {root}: skipped {', '.join(trouble)}" + (f" (e.g. {examples})" if examples else ""),
                       stacklevel=2)
     if not samples:

@@ -294,6 +294,18 @@ def test_images_far_smaller_than_the_resolution_are_warned_and_counted(tmp_path)
     assert "upscaled more than 2×" in summary(ds)
 
 
+def test_skipped_images_warning_names_only_skipped_ones(tmp_path):
+    save_png(tmp_path / "small.png", size=(1, 1), seed=0)
+    save_png(tmp_path / "large.png", size=(40, 40), seed=1)
+    rows = [["small.png", "a"], ["large.png", "b"], ["gone.png", "c"]]
+    write_csv(tmp_path / "metadata.csv", ["file_name", "text"], rows)
+    with pytest.warns(UserWarning) as caught:
+        load_dataset("folder", tmp_path, split="train", resolution=32, fractions={"train": 1.0})
+    skipped = [str(w.message) for w in caught if ": skipped " in str(w.message)]
+    assert len(skipped) == 1 and "gone.png" in skipped[0]
+    assert "small.png" not in skipped[0]   # was: "(e.g. upscaled more than 2×: small.png; missing image: gone.png)"
+
+
 def test_folder_split_column(tmp_path):
     for k in range(6):
         save_png(tmp_path / f"{k}.png", seed=k)
