@@ -154,8 +154,11 @@ class Trainer(StepInputs):
 
     def load_split(self, split):
         a = self.args
-        return load_dataset(a.data, a.data_root, split, a.resolution, a.data_seed, window=a.window,
-                            fractions=split_fractions("--split", a.split))
+        with warnings.catch_warnings():
+            if split != "train":   # each load checks the whole folder: its warnings were given with the training split
+                warnings.simplefilter("ignore", UserWarning)
+            return load_dataset(a.data, a.data_root, split, a.resolution, a.data_seed, window=a.window,
+                                fractions=split_fractions("--split", a.split))
 
     def description(self):
         """What trains, for the start of the run's output."""

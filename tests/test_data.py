@@ -306,6 +306,22 @@ def test_skipped_images_warning_names_only_skipped_ones(tmp_path):
     assert "small.png" not in skipped[0]   # was: "(e.g. upscaled more than 2×: small.png; missing image: gone.png)"
 
 
+def test_a_training_run_warns_about_skipped_images_once(tmp_path):
+    from types import SimpleNamespace
+    from minisd.training import Trainer
+    for k in range(8):
+        save_png(tmp_path / f"{k}.png", seed=k)
+    rows = [[f"{k}.png", f"c {k}"] for k in range(8)] + [["gone.png", "x"]]
+    write_csv(tmp_path / "metadata.csv", ["file_name", "text"], rows)
+    trainer = SimpleNamespace(args=SimpleNamespace(data="folder", data_root=tmp_path, resolution=8, data_seed=0,
+                                                   window=None, split="50/25/25"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for split in ("train", "val", "test"):   # as a run loads them
+            Trainer.load_split(trainer, split)
+    assert sum(": skipped 1 missing image" in str(w.message) for w in caught) == 1   # was: once per split
+
+
 def test_folder_split_column(tmp_path):
     for k in range(6):
         save_png(tmp_path / f"{k}.png", seed=k)
