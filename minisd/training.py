@@ -180,8 +180,6 @@ class Trainer(StepInputs):
         device_type = "cuda" if self.device.startswith("cuda") else "cpu"
         return torch.autocast(device_type, dtype=self.autocast, enabled=self.autocast is not None, cache_enabled=False)
 
-    # ------------------------------------------------------------------------------------ a step
-
     def loss(self, batch, draws, with_grad=True):
         if "images" in batch:
             with torch.no_grad(), self.autocast_ctx():
