@@ -54,8 +54,8 @@ def read_planes(path, window=None):
     if is_dicom(path):
         return read_dicom(path, window)
     with Image.open(path) as image:
-        if several_pages(image):
-            raise UnreadableImage(f"{path}: {several_pages(image)}")
+        if reason := several_pages(image):
+            raise UnreadableImage(f"{path}: {reason}")
         image.load()
         return to_planes(image, path)
 
@@ -130,8 +130,8 @@ def image_problem(path):
             return dicom_problem(path)
         with Image.open(path) as image:
             kind = image.format
-            if several_pages(image):
-                return several_pages(image)
+            if reason := several_pages(image):
+                return reason
             if kind not in ("PNG", "JPEG"):
                 image.verify()
         tail = file_tail(path)

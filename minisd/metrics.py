@@ -49,8 +49,8 @@ def load_image(path, window=None):
             planes = image_files.read_dicom(path, window)
         else:
             with Image.open(path) as im:
-                if image_files.several_pages(im):
-                    raise image_files.UnreadableImage(f"{path}: {image_files.several_pages(im)}")
+                if reason := image_files.several_pages(im):
+                    raise image_files.UnreadableImage(f"{path}: {reason}")
                 im.load()
                 if im.mode in image_files.WIDE:   # PIL's convert("RGB") would clip it to 255
                     planes = image_files.to_planes(im, path)
