@@ -26,7 +26,7 @@ import torch
 
 from . import phantom
 from .errors import MinisdError
-from .image_files import UNREADABLE, image_problem, image_size, load_image
+from .image_files import UNREADABLE, image_check, image_problem, load_image
 
 DATASETS = ("iuxray", "montgomery", "folder", "phantom", "openi")
 # IU X-Ray's two releases hold the same studies and split them alike (by study, from the data seed): an adapter
@@ -158,12 +158,6 @@ def assign_splits(keys, fractions, seed):
     random.Random(seed).shuffle(keys)
     bounds = split_bounds(len(keys), fractions)
     return {key: name for name, (start, stop) in bounds.items() for key in keys[start:stop]}
-
-
-def small_image(path, resolution):
-    """Whether the image's shorter side (read from its header) is under resolution / SMALL."""
-    size = image_size(path)
-    return size is not None and min(size) * SMALL < resolution
 
 
 # ------------------------------------------------------------------------------------------- text files
@@ -363,7 +357,7 @@ def load_dataset(name, root=None, split="train", resolution=224, seed=0, window=
     problems, before_split = dict(getattr(skipped, "examples", {})), Counter(skipped)
     samples, split_counts = [], {name: Counter(images=0) for name in names}
     for sample, _, sample_split in candidates:
-        problem = image_problem(root / sample.file)
+        problem, size = image_check(root / sample.file)
         counts = split_counts.setdefault(sample_split, Counter(images=0))
         if problem:
             skipped[problem] += 1
@@ -371,7 +365,7 @@ def load_dataset(name, root=None, split="train", resolution=224, seed=0, window=
             problems.setdefault(problem, sample.file)
             continue
         counts["images"] += 1
-        if small_image(root / sample.file, resolution):
+        if min(size) * SMALL < resolution:   # the shorter side, from the header
             counts[UPSCALED] += 1
             problems.setdefault(UPSCALED, sample.file)
         if sample_split == split:

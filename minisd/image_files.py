@@ -122,40 +122,31 @@ def resize_and_crop(plane, resolution):
     return resized[top:top + resolution, left:left + resolution]
 
 
-def image_problem(path):
-    """Why the file at `path` cannot be used ("missing image", "unreadable image", a DICOM reason), or None.
-    Cheap: reads the header and checks that the file is not cut short."""
+def image_check(path):
+    """(why the file at `path` cannot be used ("missing image", "unreadable image", a DICOM reason) or None,
+    its (width, height) when it can). Cheap: reads the header and checks that the file is not cut short."""
     try:
         if is_dicom(path):
-            return dicom_problem(path)
+            return dicom_check(path)
         with Image.open(path) as image:
-            kind = image.format
+            kind, size = image.format, image.size
             if reason := several_pages(image):
-                return reason
+                return reason, None
             if kind not in ("PNG", "JPEG"):
                 image.verify()
         tail = file_tail(path)
     except FileNotFoundError:
-        return "missing image"
+        return "missing image", None
     except UNREADABLE:
-        return "unreadable image"
+        return "unreadable image", None
     if (kind == "PNG" and not tail.endswith(PNG_END)) or (kind == "JPEG" and b"\xff\xd9" not in tail):
-        return "unreadable image"
-    return None
+        return "unreadable image", None
+    return None, size
 
 
-def image_size(path):
-    """(width, height) read from the file's header, or None if it cannot be read."""
-    try:
-        if is_dicom(path):
-            with warnings.catch_warnings():   # as in read_dicom
-                warnings.simplefilter("ignore")
-                ds = dicom_header(path)
-                return int(ds.Columns), int(ds.Rows)
-        with Image.open(path) as image:
-            return image.size
-    except Exception:   # pydicom and Pillow raise many kinds on damaged files; the image check names them
-        return None
+def image_problem(path):
+    """Why the file at `path` cannot be used, or None (see image_check)."""
+    return image_check(path)[0]
 
 
 def file_tail(path, size=1024):
@@ -293,28 +284,29 @@ def voi_lut(values, ds, apply_voi):
     return apply_voi(indices, ds) / (2.0 ** int(table.max()).bit_length() - 1 or 1)
 
 
-def dicom_problem(path):
-    """What makes a DICOM file unusable, read from its header (the pixel data itself is not decoded), or None."""
+def dicom_check(path):
+    """image_check of a DICOM file, read from its header (the pixel data itself is not decoded)."""
     with warnings.catch_warnings():   # as in read_dicom: a film either reads or is one reason
         warnings.simplefilter("ignore")
         try:
             ds = dicom_header(path)
             problem = dataset_problem(ds)
             if problem:
-                return problem
+                return problem, None
+            size = int(ds.Columns), int(ds.Rows)
             element = ds.get_item("PixelData", keep_deferred=True)
             if ds.file_meta.TransferSyntaxUID.is_encapsulated:
-                return None if SEQUENCE_END in file_tail(path) else "unreadable image"
+                return (None, size) if SEQUENCE_END in file_tail(path) else ("unreadable image", None)
             frame = ds.Rows * ds.Columns * ds.get("SamplesPerPixel", 1) * ds.BitsAllocated
             complete = (element.length >= (frame + 7) // 8
                         and element.value_tell + element.length <= os.path.getsize(path))
             if 0 < frame and element.length >= 2 * ((frame + 7) // 8):
-                return PIXELS_LONGER
+                return PIXELS_LONGER, None
         except FileNotFoundError:
-            return "missing image"
+            return "missing image", None
         except Exception:
-            return "unreadable image"
-    return None if complete else "unreadable image"
+            return "unreadable image", None
+    return (None, size) if complete else ("unreadable image", None)
 
 
 def dataset_problem(ds):
