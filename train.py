@@ -36,8 +36,11 @@ TINY_DEFAULTS = {"max_steps": 80, "resolution": 128, "val_max": 64}
 # The SeLoRA authors' released code: alpha 8 at rank 1 (s = 8), λ 1.3, no prompt dropout, squared batch
 # gradients. Flags given on the command line override a preset's values.
 PRESETS = {"authors": {"alpha": 8.0, "lam": 1.3, "cfg_dropout": 0.0, "fisher": "batch"}}
-NEWER_FLAGS = ("data_seed", "fisher", "preset", "val_every", "tensorboard", "window", "split",
-               *stage_args.STAGE_FLAGS, "stage", "cache_latents", "cache_latents_to_disk")   # absent from older runs' records
+# Flags absent from older runs' records, with what such a run did: Fisher information per sample, a validation
+# at every epoch's end, the data set's own split, ... (and its split drawn with --seed: data_seed_of).
+OLDER_RUNS = {"fisher": "sample", "preset": None, "val_every": 1, "tensorboard": False, "window": None, "split": None,
+              "stage": None, **dict.fromkeys(stage_args.STAGE_FLAGS), "cache_latents": True,
+              "cache_latents_to_disk": False}
 
 
 def parser():
@@ -182,17 +185,12 @@ def resume_args(args, given):
     name = run_name("--resume", args.resume or args.run_name or latest_run())
     folder = run_folder("--resume", name)
     try:
-        saved = read_run_record(folder, required=[k for k in vars(args) if k not in ("resume", *NEWER_FLAGS)],
+        recorded_by_all = [k for k in vars(args) if k not in ("resume", "data_seed", *OLDER_RUNS)]
+        saved = read_run_record(folder, required=recorded_by_all,
                                 parser=parser())
     except MinisdError as e:
         raise MinisdError(f"--resume {name}: {e}") from None
-    # what an older run did: its split was drawn with --seed, its Fisher information per sample, and it
-    # validated at every epoch's end
-    saved.update(data_seed=data_seed_of(saved), fisher=saved.get("fisher", "sample"), preset=saved.get("preset"),
-                 val_every=saved.get("val_every", 1), tensorboard=saved.get("tensorboard", False),
-                 window=saved.get("window"), cache_latents=saved.get("cache_latents", True),
-                 cache_latents_to_disk=saved.get("cache_latents_to_disk", False))
-    saved.update({name: saved.get(name) for name in ("split", "stage", *stage_args.STAGE_FLAGS)})
+    saved = {**OLDER_RUNS, **saved, "data_seed": data_seed_of(saved)}
     changed = sorted(k for k in given - RESUME_FLAGS if getattr(args, k) != saved[k])
     if changed:
         flag = changed[0]
