@@ -16,8 +16,12 @@ class StepInputs:
     """Trainer methods; they use its args, sd, data sets, rank/world, run folder and autocast."""
 
     def epoch_order(self, epoch):
-        """The permutation of the training set that epoch `epoch` (from 0) walks, seeded by (seed, epoch)."""
-        return torch.randperm(len(self.train_set), generator=torch.Generator().manual_seed(self.args.seed * 100003 + epoch))
+        """The permutation of the training set that epoch `epoch` (from 0) walks, seeded by (seed, epoch). Steps
+        ask in order, so the last one drawn is kept: one permutation per epoch, not per micro-batch."""
+        if self.last_order[0] != epoch:
+            seed = self.args.seed * 100003 + epoch
+            self.last_order = epoch, torch.randperm(len(self.train_set), generator=torch.Generator().manual_seed(seed))
+        return self.last_order[1]
 
     def batch_indices(self, step, micro):
         """Dataset indices of this process's share of micro-batch `micro` of optimizer step `step` (1-based):

@@ -118,7 +118,7 @@ class Trainer(StepInputs):
         self.measures = Measures(self.device)
         self.stop = StopRequests()
         self.train_latents = self.val_latents = self.prompt_cache = None
-        self.train_prompts, self.tokens, self.warned_truncation = {}, {}, False
+        self.train_prompts, self.tokens, self.warned_truncation, self.last_order = {}, {}, False, (None, None)
         self.pending, self.bar, self.shown, self.launched_at = [], None, {}, time.perf_counter()
         if resume:
             self.load_checkpoint()
