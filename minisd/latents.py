@@ -23,7 +23,7 @@ import torch.distributed as dist
 from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
-from .checkpoint.files import atomic_save, first_line
+from .checkpoint.files import all_finite, atomic_save, first_line
 from .graphs import to_device
 from .stopping import ignore_stop_signals
 
@@ -116,7 +116,7 @@ def read_cache_file(path, key, ids, device, shape):
                 if tensor.dtype != torch.float32 or tensor.shape[:1] != (len(stored),) or tensor.shape[1:] != shape:
                     raise ValueError(f"{name} is {tensor.dtype} {list(tensor.shape)}, expected float32 "
                                      f"{[len(stored), *shape]}")
-                if not torch.isfinite(tensor).all():
+                if not all_finite(tensor):
                     raise ValueError(f"{name} holds NaN or infinite values")
                 found.append(tensor[rows].to(device))
             return tuple(found)

@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from .checkpoint.files import first_line
+from .checkpoint.files import all_finite, first_line
 from .errors import MinisdError
 
 KEYS = ("step", "trainable", "optimizer", "scaler", "generator", "torch_rng", "best_val", "rank_history", "controller")
@@ -77,7 +77,7 @@ def non_finite(value, where=""):
     """The place (e.g. "trainable/unet.x.lora_A") of the first floating-point tensor in `value` holding a NaN or
     an infinity, or None."""
     if isinstance(value, torch.Tensor):
-        return where if value.is_floating_point() and not torch.isfinite(value).all() else None
+        return where if value.is_floating_point() and not all_finite(value) else None
     items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, (list, tuple)) else ()
     for key, item in items:
         found = non_finite(item, f"{where}/{key}" if where else str(key))

@@ -14,7 +14,7 @@ import warnings
 import torch
 
 from .errors import MinisdError
-from .files import atomic_write, json_text, remove_temporary_files, write_error
+from .files import atomic_json, atomic_write, json_text, remove_temporary_files, write_error
 from .images import captioned_grid, save_png
 
 try:
@@ -125,11 +125,7 @@ class Run:
     def save_json(self, name, payload):
         if self.writer:
             self.take()
-
-            def write(tmp):
-                with open(tmp, "w") as f:
-                    f.write(json_text(payload))
-            atomic_write(self.file(name), write)
+            atomic_json(payload, self.file(name))
 
     def close(self):
         for f in (self.log_file, self.tensorboard, self.lock_file):
