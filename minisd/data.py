@@ -128,8 +128,7 @@ class PhantomDataset(ImageTextDataset):
         return phantom.report(phantom.make_case(self.seed, self.start + index))
 
     def manifest(self):
-        return [{"id": self.sample_id(i), "file": "",
-                 "prompt": phantom.report(phantom.make_case(self.seed, self.start + i))} for i in range(self.size)]
+        return [{"id": self.sample_id(i), "file": "", "prompt": self.prompt(i)} for i in range(self.size)]
 
 
 def split_bounds(size, fractions):
