@@ -174,6 +174,7 @@ class VAETrainer(StageTrainer):
 
     output = "vae"
     LOSS = "reconstruction MSE + KL weight × KL"
+    READS_TEXT = False
 
     def build(self):
         return load(self.args.model, self.device, torch.float32, seed=self.args.seed)

@@ -85,6 +85,8 @@ class StepInputs:
         if not any(p.requires_grad for p in self.sd.text_encoder.parameters()):
             self.prompt_cache = PromptCache(self.sd, prompts, self.autocast_ctx, self.autocast)
 
+    READS_TEXT = True   # a trainer whose loss reads no prompt (the VAE stage) gets neither token ids nor context
+
     def host_inputs(self, data, drop, latents, prompt):
         """One micro-batch's data as host tensors: rows of the latent cache (else the images) and rows of
         the prompt cache (else token ids); `drop` (or None) marks the samples trained on the empty prompt."""
@@ -94,6 +96,8 @@ class StepInputs:
         else:
             inputs = {"images": torch.stack([item["image"] for item in data])}
             prompts = [item["prompt"] for item in data]
+        if not self.READS_TEXT:
+            return inputs
         if drop is not None:
             prompts = ["" if d else p for p, d in zip(prompts, drop.tolist())]
         if self.prompt_cache is not None:
@@ -125,6 +129,6 @@ class StepInputs:
             batch["images"] = x["images"]
         if "context_rows" in x:
             batch["context"] = self.prompt_cache.gather(x["context_rows"])
-        else:
+        elif "ids" in x:
             batch["ids"] = x["ids"]
         return batch, draws
