@@ -43,6 +43,7 @@ class Run:
     def __init__(self, path, writer, resume=False, tensorboard=False):
         self.path, self.writer, self.resume = path, writer, resume
         self.log_file = self.lock_file = self.tensorboard = None
+        self.records = []   # log.jsonl's records as read back, kept so that plotting needs no re-read
         self.summary_writer = tensorboard_writer() if writer and tensorboard else None   # checked before any work
         if writer and os.path.isdir(path):
             self.take()
@@ -86,8 +87,8 @@ class Run:
             self.start_clean()
         elif os.path.exists(path):
             records = read_log(path)
-            kept = [r for r in records if r.get("step", 0) <= keep_until_step]
-            atomic_write(path, lambda tmp: write_lines(tmp, kept))
+            self.records = [r for r in records if r.get("step", 0) <= keep_until_step]
+            atomic_write(path, lambda tmp: write_lines(tmp, self.records))
         try:
             self.log_file = open(path, "a")
         except OSError as e:
@@ -97,11 +98,14 @@ class Run:
 
     def log(self, record):
         if self.log_file:
+            line = json_text(record, indent=None)
             try:
-                self.log_file.write(json_text(record, indent=None))
+                self.log_file.write(line)
                 self.log_file.flush()
             except OSError as e:
                 raise write_error(self.log_file.name, e) from None
+            if is_record(record):
+                self.records.append(json.loads(line))   # as read_log would read it: non-finite values null
         if self.tensorboard is not None and "step" in record:
             for key, tag in TENSORBOARD_SCALARS.items():
                 if isinstance(record.get(key), (int, float)):
@@ -173,7 +177,7 @@ def read_log(path):
                 record = json.loads(line)
             except (ValueError, RecursionError):
                 record = None
-            if isinstance(record, dict) and isinstance(record.get("step"), int) and not isinstance(record["step"], bool):
+            if is_record(record):
                 records.append(record)
             elif line.strip():
                 dropped.append(number)
@@ -183,6 +187,11 @@ def read_log(path):
         lines = ", ".join(map(str, dropped[:5])) + (", ..." if len(dropped) > 5 else "")
         warnings.warn(f"{path}: dropped {len(dropped)} damaged line(s) that are not log records (line {lines})")
     return records
+
+
+def is_record(value):
+    """A log record: a JSON object with a step number."""
+    return isinstance(value, dict) and isinstance(value.get("step"), int) and not isinstance(value["step"], bool)
 
 
 def write_lines(path, records):

@@ -27,7 +27,7 @@ from .optim import Adam
 from .plots import loss_curve, rank_heatmap
 from .progress import TrainingBar
 from .resume_state import read_training_checkpoint
-from .runs import PLACE_ARGS, Run, atomic_torch_save, check_recorded_args, read_log
+from .runs import PLACE_ARGS, Run, atomic_torch_save, check_recorded_args
 from .sampling import add_noise, alphas_cumprod, ddim_sample
 from .step_inputs import StepInputs
 from .stopping import Interrupted, StopRequests
@@ -431,7 +431,7 @@ class Trainer(StepInputs):
                 self.save_best(val_loss)
             self.write_summary(self.record(val_loss))
             self.run.log_ranks(self.ranks(), self.step)
-            loss_curve(read_log(self.run.file("log.jsonl")), self.run.file("loss.png"), self.LOSS)
+            loss_curve(self.run.records, self.run.file("loss.png"), self.LOSS)
         return val_loss
 
     def save_best(self, val_loss):

@@ -308,3 +308,20 @@ def test_log_lines_that_are_not_records_are_dropped_and_named(tmp_path):
                                          r"\(line 2, 3, 4, 5\)"):
         records = runs.read_log(path)   # was: a traceback comparing the step "2" to the checkpoint's
     assert [r["step"] for r in records] == [1, 2]
+
+
+def test_the_records_a_run_keeps_are_its_log_as_read_back(tmp_path):
+    """What the loss curve is drawn from, without reading log.jsonl again at each validation."""
+    first = runs.Run(str(tmp_path / "r"), writer=True)
+    first.open_log()
+    for step in (1, 2, 3):
+        first.log({"step": step, "loss": 1.0 / step})
+    first.log({"step": 3, "event": "validation", "val_loss": float("nan")})
+    assert first.records == runs.read_log(tmp_path / "r" / "log.jsonl")
+    first.close()
+    resumed = runs.Run(str(tmp_path / "r"), writer=True, resume=True)
+    resumed.open_log(keep_until_step=2)
+    resumed.log({"step": 3, "loss": 0.25})
+    assert resumed.records == runs.read_log(tmp_path / "r" / "log.jsonl")
+    assert [r["step"] for r in resumed.records] == [1, 2, 3] and resumed.records[-1]["loss"] == 0.25
+    resumed.close()
